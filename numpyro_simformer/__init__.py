@@ -1,5 +1,26 @@
-"""numpyro_simformer: all-in-one simulation-based inference for NumPyro models."""
+"""numpyro_simformer: all-in-one simulation-based inference for NumPyro models.
+
+Write a simulator as a NumPyro model; :class:`Simformer` reads its sites and dependency
+graph, simulates the joint, trains one transformer by denoising score matching, and
+answers any conditional query as an ArviZ ``DataTree``.
+"""
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+from numpyro_simformer.masks import ConditionMaskDistribution
+from numpyro_simformer.nn import NetworkConfig
+from numpyro_simformer.samplers import EulerMaruyama
+from numpyro_simformer.sde import VESDE, VPSDE
+from numpyro_simformer.simformer import Simformer
+from numpyro_simformer.train import TrainingConfig
+
+__all__ = [
+    "__version__",
+    "Simformer",
+    "NetworkConfig",
+    "TrainingConfig",
+    "ConditionMaskDistribution",
+    "EulerMaruyama",
+    "VESDE",
+    "VPSDE",
+]

@@ -1,0 +1,357 @@
+"""The front object: a NumPyro model in, a trained Simformer out, any conditional back.
+
+Example:
+    >>> import jax, numpyro, numpyro.distributions as dist
+    >>> from numpyro_simformer import Simformer
+    >>> def model():
+    ...     theta = numpyro.sample("theta", dist.Normal(0.0, 1.0).expand([3]).to_event(1))
+    ...     numpyro.sample("x", dist.Normal(theta, 0.5).to_event(1))
+    >>> sf = Simformer(model, num_simulations=5_000)
+    >>> sf.fit(jax.random.key(0))                                        # doctest: +SKIP
+    >>> post = sf.sample(jax.random.key(1), observed={"x": x_o}, num_samples=2_000)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import time as _time
+import warnings
+from typing import Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from numpyro_simformer import __version__
+from numpyro_simformer.convert import to_datatree
+from numpyro_simformer.layout import TokenLayout
+from numpyro_simformer.loss import build_batch_loss_fn
+from numpyro_simformer.masks import ConditionMaskDistribution
+from numpyro_simformer.nn import NetworkConfig, SimformerNetwork, build_denoiser_fn
+from numpyro_simformer.query import observed_tokens, to_z_checked
+from numpyro_simformer.samplers import EulerMaruyama, build_score_fn
+from numpyro_simformer.sde import VESDE
+from numpyro_simformer.simulate import SimulationInfo, filter_finite, simulate
+from numpyro_simformer.sites import read_sites, trace_model
+from numpyro_simformer.train import TrainingConfig, train
+from numpyro_simformer.transforms import constant_support, fit_token_transform
+
+__all__ = ["Simformer"]
+
+_ATTENTION_KINDS = ("undirected", "dense", "directed")
+
+
+class Simformer:
+    """Simulation-based inference for a NumPyro model with one transformer for every conditional.
+
+    Args:
+        model: a NumPyro model. Its unobserved sample sites are the tokens: one token per
+            scalar element. Parameters are sites with children in the model graph, data
+            are sites without children.
+        num_simulations: joint draws used for training by :meth:`fit`.
+        network: a :class:`~numpyro_simformer.nn.NetworkConfig`.
+        sde: the diffusion, :class:`~numpyro_simformer.sde.VESDE` (default) or ``VPSDE``.
+        training: a :class:`~numpyro_simformer.train.TrainingConfig`.
+        sampler: the default sampler of :meth:`sample`.
+        condition_masks: the training mixture over condition masks.
+        attention: ``"undirected"`` (default: the moral graph of the model's element-level
+            dependency graph, valid for every query), ``"dense"``, or a bool array
+            (num_tokens, num_tokens) with ``[i, j]`` True when token i may attend to j.
+        parents: optional bool array (num_tokens, num_tokens), ``[i, j]`` True when token
+            j is a direct parent of token i; overrides the extracted graph (for a simulator
+            JAX cannot trace).
+        token_sites: the sites to make tokens (default: all unobserved sample sites).
+        exclude_sites: sites to leave out (simulator-internal noise); they are
+            marginalised out of the graph.
+        data_sites: the sites treated as data by the posterior/likelihood training masks
+            (default: sites without children in the graph).
+        simulation_chunk_size: draws per jitted simulation call.
+        progress_bar: show progress bars for simulation and training.
+    """
+
+    def __init__(
+        self,
+        model: Callable,
+        *,
+        num_simulations: int = 10_000,
+        network: NetworkConfig = NetworkConfig(),
+        sde=VESDE(),
+        training: TrainingConfig = TrainingConfig(),
+        sampler=EulerMaruyama(),
+        condition_masks: ConditionMaskDistribution = ConditionMaskDistribution(),
+        attention: str | np.ndarray = "undirected",
+        parents: np.ndarray | None = None,
+        token_sites: Sequence[str] | None = None,
+        exclude_sites: Sequence[str] = (),
+        data_sites: Sequence[str] | None = None,
+        simulation_chunk_size: int = 10_000,
+        progress_bar: bool = True,
+    ):
+        if not callable(model):
+            raise TypeError(f"`model` must be a NumPyro model (a callable), got {type(model).__name__}.")
+        if not isinstance(num_simulations, (int, np.integer)) or num_simulations <= 0:
+            raise ValueError(
+                f"`num_simulations` must be a positive integer, got {num_simulations!r}."
+            )
+        if isinstance(attention, str) and attention not in _ATTENTION_KINDS:
+            raise ValueError(f"`attention` must be one of {_ATTENTION_KINDS} or a bool array, got {attention!r}.")
+        if isinstance(exclude_sites, str) or isinstance(token_sites, str) or isinstance(data_sites, str):
+            raise TypeError("`token_sites`, `exclude_sites` and `data_sites` take a list of site names, not a string.")
+        self.model = model
+        self.num_simulations = int(num_simulations)
+        self.network_config = network
+        self.sde = sde
+        self.training_config = training
+        self.sampler = sampler
+        self.condition_masks = condition_masks
+        self.attention = attention
+        self.token_sites = None if token_sites is None else list(token_sites)
+        self.exclude_sites = list(exclude_sites)
+        self.data_sites = None if data_sites is None else list(data_sites)
+        self.simulation_chunk_size = int(simulation_chunk_size)
+        self.progress_bar = progress_bar
+        self._user_parents = None if parents is None else np.asarray(parents, dtype=bool)
+        self._fitted = False
+        self._sample_fns = {}
+
+    # ------------------------------------------------------------------ model reading
+    def _read_model(self, rng_key, model_args, model_kwargs):
+        key_first, key_second, key_graph = jax.random.split(rng_key, 3)
+        first = trace_model(key_first, self.model, model_args, model_kwargs)
+        sites = read_sites(first, self.token_sites, self.exclude_sites)
+        second = trace_model(key_second, self.model, model_args, model_kwargs)
+        self._supports = {
+            site.name: constant_support(site, [site.support, second[site.name]["fn"].support]) for site in sites
+        }
+        self.layout = TokenLayout.from_sites(sites)
+        self.parents = self._graph(key_graph, model_args, model_kwargs)
+        self.attention_mask = self._attention_mask()
+        has_children = self._sites_with_children()
+        if self.data_sites is None:
+            data_sites = [site.name for site in sites if not has_children[site.name]]
+        else:
+            unknown = [name for name in self.data_sites if name not in self.layout.site_names]
+            if unknown:
+                raise ValueError(f"`data_sites` names {unknown}, which are not token sites {self.layout.site_names}.")
+            data_sites = self.data_sites
+        self._has_children = has_children
+        slices = self.layout.slices()
+        self._data_mask = np.zeros(self.layout.num_tokens, dtype=bool)
+        for name in data_sites:
+            self._data_mask[slices[name]] = True
+
+    def _graph(self, rng_key, model_args, model_kwargs) -> np.ndarray:
+        num_tokens = self.layout.num_tokens
+        if self._user_parents is not None:
+            if self._user_parents.shape != (num_tokens, num_tokens):
+                raise ValueError(
+                    f"`parents` has shape {self._user_parents.shape}, but the model has "
+                    f"{num_tokens} tokens ({self.layout.labels[:6]}...): expected "
+                    f"({num_tokens}, {num_tokens})."
+                )
+            return self._user_parents & ~np.eye(num_tokens, dtype=bool)
+        from numpyro_simformer.graph import element_parents
+
+        labels, parents = element_parents(
+            self.model, model_args, model_kwargs, token_sites=self.token_sites,
+            exclude_sites=self.exclude_sites, rng_key=rng_key,
+        )
+        if list(labels) != self.layout.labels:
+            raise AssertionError("The dependency graph's token order differs from the layout's.")
+        return np.asarray(parents, dtype=bool)
+
+    def _attention_mask(self) -> np.ndarray:
+        num_tokens = self.layout.num_tokens
+        if not isinstance(self.attention, str):
+            mask = np.asarray(self.attention, dtype=bool)
+            if mask.shape != (num_tokens, num_tokens):
+                raise ValueError(
+                    f"`attention` has shape {mask.shape}; the model has {num_tokens} tokens, "
+                    f"so it must be ({num_tokens}, {num_tokens})."
+                )
+            return mask | np.eye(num_tokens, dtype=bool)
+        if self.attention == "dense":
+            return np.ones((num_tokens, num_tokens), dtype=bool)
+        from numpyro_simformer.graph import attention_mask
+
+        return np.asarray(attention_mask(self.parents, self.attention), dtype=bool)
+
+    def _sites_with_children(self) -> dict[str, bool]:
+        site_of_token = self.layout.site_of_token()
+        result = {}
+        for index, site in enumerate(self.layout.sites):
+            own = site_of_token == index
+            result[site.name] = bool(self.parents[np.ix_(~own, own)].any())
+        return result
+
+    # ------------------------------------------------------------------ fitting
+    def fit(self, rng_key, *model_args, **model_kwargs) -> "Simformer":
+        """Simulate ``num_simulations`` joint draws from the model and train on them.
+
+        Args:
+            rng_key: a JAX PRNG key; the whole fit is a function of it.
+            *model_args, **model_kwargs: passed to the model, as in ``MCMC.run``.
+
+        Returns:
+            ``self``, fitted.
+        """
+        key_read, key_simulate, key_train = jax.random.split(rng_key, 3)
+        self._read_model(key_read, model_args, model_kwargs)
+        start = _time.perf_counter()
+        draws, info = simulate(
+            key_simulate, self.model, self.num_simulations, self.layout.site_names, model_args, model_kwargs,
+            chunk_size=self.simulation_chunk_size, progress_bar=self.progress_bar,
+        )
+        self.simulation_time = _time.perf_counter() - start
+        self._fit_draws(key_train, draws, info)
+        return self
+
+    def fit_simulations(self, rng_key, simulations: Mapping[str, np.ndarray], *model_args, **model_kwargs) -> "Simformer":
+        """Train on simulations the user already has.
+
+        Args:
+            rng_key: a JAX PRNG key.
+            simulations: ``{site: array (num_simulations, *site.shape)}`` for every token
+                site. Rows with a NaN or inf are dropped and counted.
+            *model_args, **model_kwargs: passed to the model (read for its sites and graph).
+        """
+        key_read, key_train = jax.random.split(rng_key)
+        self._read_model(key_read, model_args, model_kwargs)
+        if not isinstance(simulations, Mapping):
+            raise TypeError(f"`simulations` must be a dict of site arrays, got {type(simulations).__name__}.")
+        missing = [name for name in self.layout.site_names if name not in simulations]
+        if missing:
+            raise ValueError(f"`simulations` lacks the token sites {missing}; it must hold every one of {self.layout.site_names}.")
+        lengths = set()
+        for site in self.layout.sites:
+            value = np.asarray(simulations[site.name])
+            if value.shape[1:] != site.shape:
+                raise ValueError(
+                    f"simulations[{site.name!r}] has shape {value.shape}; expected "
+                    f"(num_simulations, *{site.shape})."
+                )
+            lengths.add(value.shape[0])
+        if len(lengths) != 1:
+            raise ValueError(f"The sites of `simulations` have different numbers of rows: {sorted(lengths)}.")
+        draws, finite = filter_finite({name: simulations[name] for name in self.layout.site_names})
+        info = SimulationInfo(len(finite), int(finite.sum()), int((~finite).sum()), vectorized=False)
+        self.simulation_time = 0.0
+        self._fit_draws(key_train, draws, info)
+        return self
+
+    def _fit_draws(self, rng_key, draws, info: SimulationInfo):
+        self.simulation_info = info
+        if info.num_valid == 0:
+            raise RuntimeError(
+                f"All {info.num_requested} simulations contained NaN or inf; there is nothing "
+                "to train on. Check the simulator (and its priors) for values it cannot handle."
+            )
+        if info.num_invalid:
+            warnings.warn(
+                f"{info.num_invalid} of {info.num_requested} simulations contained NaN or inf "
+                "and were dropped.",
+                stacklevel=3,
+            )
+        tokens = np.asarray(self.layout.flatten(draws), dtype=np.float32)
+        self.transform = fit_token_transform(self.layout, tokens, self._supports)
+        data = np.asarray(jax.jit(self.transform.to_z)(tokens))
+        finite = np.all(np.isfinite(data), axis=1)
+        data = data[finite]
+        key_init, key_train = jax.random.split(rng_key)
+        network = SimformerNetwork(self.layout.num_nodes, self.network_config,
+                                   rngs=nnx.Rngs(params=key_init))
+        graphdef, params, constants = nnx.split(network, nnx.Param, ...)
+        self._graphdef, self._constants = graphdef, constants
+        self._build_functions()
+        loss_fn = build_batch_loss_fn(self._denoiser_fn, self.sde)
+        start = _time.perf_counter()
+        self.params, self.history = train(
+            key_train, loss_fn, params, data, self._data_mask, self.training_config, self.condition_masks,
+            progress_bar=self.progress_bar,
+        )
+        self.training_time = _time.perf_counter() - start
+        self._fitted = True
+
+    def _build_functions(self):
+        self._denoiser_fn = build_denoiser_fn(
+            self._graphdef, self._constants, self.layout.node_ids, self.layout.coordinates, self.attention_mask
+        )
+        self._score_fn = build_score_fn(self._denoiser_fn, self.sde)
+        self._sample_fns = {}
+
+    # ------------------------------------------------------------------ querying
+    def _check_fitted(self, method: str):
+        if not self._fitted:
+            raise RuntimeError(f"`{method}` needs a fitted Simformer: call `fit(rng_key, ...)` first.")
+
+    def _sample_fn(self, sampler, chunk: int):
+        key = (sampler, chunk)
+        if key not in self._sample_fns:
+            sample_fn = sampler.build(self._score_fn, self.sde)
+            self._sample_fns[key] = jax.jit(
+                lambda rng_key, params, values, mask: sample_fn(rng_key, params, values, mask, chunk)
+            )
+        return self._sample_fns[key]
+
+    def sample(self, rng_key, *, observed: Mapping | None = None, num_samples: int, sampler=None,
+               batch_size: int = 2_000):
+        """Draw from any conditional of the model: ``p(latent sites | observed)``.
+
+        Args:
+            rng_key: a JAX PRNG key; the same key gives the same samples.
+            observed: ``{site: array}`` for any subset of the token sites, each of the
+                site's shape; NaN elements are inferred. Empty or ``None``: the joint.
+            num_samples: number of draws.
+            sampler: overrides the default sampler.
+            batch_size: samples per jitted call (bounds memory).
+
+        Returns:
+            An ``xarray.DataTree`` with groups ``posterior`` (inferred sites with children),
+            ``posterior_predictive`` (inferred sites without children) and
+            ``observed_data``; dims ``(chain, draw, *site dims)``.
+        """
+        if not isinstance(num_samples, (int, np.integer)) or num_samples <= 0:
+            raise ValueError(f"`num_samples` must be a positive integer, got {num_samples!r}.")
+        if not isinstance(batch_size, (int, np.integer)) or batch_size <= 0:
+            raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
+        self._check_fitted("sample")
+        values, condition_mask = observed_tokens(self.layout, observed, excluded_sites=self.exclude_sites)
+        sampler = self.sampler if sampler is None else sampler
+        z_observed = to_z_checked(self.layout, self.transform, values, condition_mask)
+        z = self._sample_z(rng_key, sampler, z_observed, condition_mask, num_samples, batch_size)
+        tokens = np.asarray(jax.jit(self.transform.from_z)(z), dtype=np.float64)
+        tokens = np.where(condition_mask, values, tokens)
+        return self._to_datatree(tokens[None], observed or {}, condition_mask, sampler)
+
+    def _sample_z(self, rng_key, sampler, z_observed, condition_mask, num_samples, batch_size):
+        chunk = min(batch_size, num_samples)
+        num_chunks = -(-num_samples // chunk)
+        sample_fn = self._sample_fn(sampler, chunk)
+        keys = jax.random.split(rng_key, num_chunks)
+        parts = [
+            sample_fn(key, self.params, jnp.asarray(z_observed), jnp.asarray(condition_mask)) for key in keys
+        ]
+        return jnp.concatenate(parts)[:num_samples]
+
+    def _to_datatree(self, tokens, observed, condition_mask, sampler):
+        site_values = self.layout.unflatten(tokens)
+        slices = self.layout.slices()
+        inferred = [site for site in self.layout.sites if not condition_mask[slices[site.name]].all()]
+        samples = {}
+        for site in inferred:
+            value = np.asarray(site_values[site.name])
+            samples[site.name] = value.astype(np.int64) if site.is_discrete else value
+        observed_data = {name: np.asarray(value, dtype=np.float64) for name, value in observed.items()}
+        return to_datatree(
+            self.layout,
+            samples,
+            observed_data,
+            [site.name for site in inferred if self._has_children[site.name]],
+            [site.name for site in inferred if not self._has_children[site.name]],
+            attrs={
+                "inference_library": "numpyro_simformer",
+                "inference_library_version": __version__,
+                "sampler": repr(sampler),
+                "num_simulations": int(self.simulation_info.num_valid),
+            },
+        )

@@ -1,0 +1,225 @@
+"""Training: a pure multi-step train function, and the loop around it.
+
+``build_train_fn`` returns one jitted function that runs ``steps_per_call`` optimiser
+steps as a ``lax.scan`` (several steps per call doubled throughput on 2 cores against one
+step per call). The loop around it validates on held-out simulations with fixed noise,
+keeps the best exponential moving average (EMA) of the weights, stops early, shows a
+progress bar and records the loss history.
+"""
+
+from __future__ import annotations
+
+import time as _time
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from numpyro_simformer.masks import ConditionMaskDistribution, sample_condition_mask
+
+__all__ = ["TrainingConfig", "TrainState", "TrainingHistory", "build_optimizer", "build_train_fn", "train"]
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """How the network is trained.
+
+    Defaults are sized for a 2-core CPU: a few-token problem trains in a few minutes.
+    On a GPU raise ``batch_size`` (the reference uses 1000) and ``max_steps``.
+
+    Attributes:
+        batch_size: examples per step, drawn with replacement.
+        max_steps: upper bound on optimiser steps.
+        learning_rate: Adam's peak learning rate.
+        warmup_steps: linear warm-up at the start.
+        decay_fraction: the last fraction of ``max_steps`` decays the rate to 10 % (a
+            constant rate elsewhere: safe for training that may stop at any time).
+        ema_decay: decay of the weights' moving average used for validation and sampling.
+        gradient_clip_norm: global-norm gradient clipping.
+        validation_fraction: share of simulations held out for early stopping.
+        validation_interval: steps between validations.
+        patience: validations without improvement before stopping; ``None`` never stops early.
+        steps_per_call: optimiser steps per jitted call.
+        max_time: optional wall-clock budget in seconds (makes the run depend on the
+            machine's speed; off by default so that a run is a function of its key).
+    """
+
+    batch_size: int = 256
+    max_steps: int = 20_000
+    learning_rate: float = 1e-3
+    warmup_steps: int = 200
+    decay_fraction: float = 0.2
+    ema_decay: float = 0.999
+    gradient_clip_norm: float = 1.0
+    validation_fraction: float = 0.05
+    validation_interval: int = 500
+    patience: int | None = 8
+    steps_per_call: int = 50
+    max_time: float | None = None
+
+    def __post_init__(self):
+        for name in ("batch_size", "max_steps", "steps_per_call", "validation_interval"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TrainingConfig.{name} must be a positive integer, got {getattr(self, name)}.")
+        if not 0 < self.learning_rate:
+            raise ValueError(f"TrainingConfig.learning_rate must be positive, got {self.learning_rate}.")
+        if not 0 <= self.validation_fraction < 1:
+            raise ValueError(
+                f"TrainingConfig.validation_fraction must lie in [0, 1), got {self.validation_fraction}."
+            )
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"TrainingConfig.ema_decay must lie in [0, 1), got {self.ema_decay}.")
+        if not 0 <= self.decay_fraction <= 1:
+            raise ValueError(f"TrainingConfig.decay_fraction must lie in [0, 1], got {self.decay_fraction}.")
+
+
+class TrainState(NamedTuple):
+    """What the train function carries from step to step."""
+
+    params: object
+    ema_params: object
+    opt_state: object
+    step: jnp.ndarray
+
+
+class TrainingHistory(NamedTuple):
+    """Loss history: one row per validation."""
+
+    step: np.ndarray
+    train_loss: np.ndarray
+    validation_loss: np.ndarray
+    elapsed: np.ndarray
+    best_step: int
+    stopped_early: bool
+
+
+def build_optimizer(config: TrainingConfig) -> optax.GradientTransformation:
+    """Adam with warm-up, a constant rate and a final decay, after global-norm clipping."""
+    decay_steps = int(config.max_steps * config.decay_fraction)
+    constant_steps = max(config.max_steps - decay_steps - config.warmup_steps, 0)
+    schedule = optax.join_schedules(
+        [
+            optax.linear_schedule(config.learning_rate * 0.01, config.learning_rate, max(config.warmup_steps, 1)),
+            optax.constant_schedule(config.learning_rate),
+            optax.linear_schedule(config.learning_rate, config.learning_rate * 0.1, max(decay_steps, 1)),
+        ],
+        boundaries=[max(config.warmup_steps, 1), max(config.warmup_steps, 1) + constant_steps],
+    )
+    return optax.chain(optax.clip_by_global_norm(config.gradient_clip_norm), optax.adam(schedule))
+
+
+def build_train_fn(loss_fn, optimizer, mask_distribution: ConditionMaskDistribution, data_mask, batch_size: int,
+                   ema_decay: float, steps_per_call: int):
+    """``train_fn(state, rng_key, data) -> (state, losses)``: ``steps_per_call`` steps, jitted.
+
+    ``data`` is (num_train, num_tokens) in z-space; it is an argument, not a constant, so
+    the compiled function does not embed the training set.
+    """
+    data_mask = jnp.asarray(data_mask, dtype=bool)
+
+    def step(carry, rng_key):
+        state, data = carry
+        key_batch, key_mask, key_loss = jax.random.split(rng_key, 3)
+        index = jax.random.randint(key_batch, (batch_size,), 0, data.shape[0])
+        condition_mask = jax.vmap(lambda key: sample_condition_mask(key, data_mask, mask_distribution))(
+            jax.random.split(key_mask, batch_size)
+        )
+        loss, grads = jax.value_and_grad(loss_fn)(state.params, key_loss, data[index], condition_mask)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        decay = jnp.minimum(ema_decay, (1.0 + state.step) / (10.0 + state.step))
+        ema_params = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
+        return (TrainState(params, ema_params, opt_state, state.step + 1), data), loss
+
+    @jax.jit
+    def train_fn(state, rng_key, data):
+        (state, _), losses = jax.lax.scan(step, (state, data), jax.random.split(rng_key, steps_per_call))
+        return state, losses
+
+    return train_fn
+
+
+def _validation_fn(loss_fn, mask_distribution, data_mask, rng_key, validation_data):
+    key_mask, key_loss = jax.random.split(rng_key)
+    masks = jax.vmap(lambda key: sample_condition_mask(key, jnp.asarray(data_mask), mask_distribution))(
+        jax.random.split(key_mask, validation_data.shape[0])
+    )
+    evaluate = jax.jit(lambda params: loss_fn(params, key_loss, validation_data, masks))
+    return evaluate
+
+
+def train(rng_key, loss_fn, params, data, data_mask, config: TrainingConfig,
+          mask_distribution: ConditionMaskDistribution, *, progress_bar: bool = True):
+    """Train ``params`` on ``data`` (num_simulations, num_tokens) in z-space.
+
+    Returns:
+        ``(best_ema_params, history)``: the EMA weights at the best validation loss (the
+        last ones when there is no validation set) and a :class:`TrainingHistory`.
+    """
+    key_split, key_validation, key_train = jax.random.split(rng_key, 3)
+    num = data.shape[0]
+    num_validation = int(round(num * config.validation_fraction))
+    num_validation = min(num_validation, 4096)
+    order = np.asarray(jax.random.permutation(key_split, num))
+    validation_data = jnp.asarray(data[order[:num_validation]])
+    train_data = jnp.asarray(data[order[num_validation:]])
+
+    optimizer = build_optimizer(config)
+    train_fn = build_train_fn(loss_fn, optimizer, mask_distribution, data_mask, config.batch_size,
+                              config.ema_decay, config.steps_per_call)
+    evaluate = (_validation_fn(loss_fn, mask_distribution, data_mask, key_validation, validation_data)
+                if num_validation > 0 else None)
+    state = TrainState(params, params, optimizer.init(params), jnp.zeros((), jnp.int32))
+
+    interval = max(config.validation_interval // config.steps_per_call, 1)
+    num_calls = -(-config.max_steps // config.steps_per_call)
+    rows, recent, best = [], [], (np.inf, params, 0)
+    stale, stopped_early = 0, False
+    bar = None
+    if progress_bar:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=num_calls * config.steps_per_call, desc="training", unit="step")
+    start = _time.perf_counter()
+    call_keys = jax.random.split(key_train, num_calls)
+    for call in range(num_calls):
+        state, losses = train_fn(state, call_keys[call], train_data)
+        recent.append(losses)
+        if bar is not None:
+            bar.update(config.steps_per_call)
+        last_call = call == num_calls - 1
+        out_of_time = config.max_time is not None and _time.perf_counter() - start > config.max_time
+        if (call + 1) % interval and not last_call and not out_of_time:
+            continue
+        train_loss = float(jnp.mean(jnp.concatenate(recent)))
+        if not np.isfinite(train_loss):
+            raise FloatingPointError(
+                f"The training loss became {train_loss} at step {int(state.step)}. Lower "
+                "`TrainingConfig.learning_rate` or `gradient_clip_norm`, or check the "
+                "simulations for extreme values."
+            )
+        recent = []
+        validation_loss = float(evaluate(state.ema_params)) if evaluate else train_loss
+        step = int(state.step)
+        rows.append((step, train_loss, validation_loss, _time.perf_counter() - start))
+        if validation_loss < best[0]:
+            best, stale = (validation_loss, state.ema_params, step), 0
+        else:
+            stale += 1
+        if bar is not None:
+            bar.set_postfix(loss=f"{train_loss:.4f}", val=f"{validation_loss:.4f}")
+        if evaluate is not None and config.patience is not None and stale >= config.patience:
+            stopped_early = True
+            break
+        if out_of_time:
+            break
+    if bar is not None:
+        bar.close()
+    columns = np.array(rows, dtype=np.float64).T
+    best_params = best[1] if evaluate is not None else state.ema_params
+    history = TrainingHistory(columns[0].astype(int), columns[1], columns[2], columns[3],
+                              best[2] if evaluate is not None else int(state.step), stopped_early)
+    return best_params, history

@@ -1,0 +1,175 @@
+"""Unconstrained space and z-scoring, both ways.
+
+Training happens in z-space: each site is first mapped to unconstrained space with
+NumPyro's ``biject_to(support)`` (so a Uniform(0, 1) site becomes a logit), then each token
+is z-scored with the mean and standard deviation of the training simulations. Samples go
+back through both maps, so every returned value lies in its site's support.
+
+Discrete sites (Poisson counts, Bernoulli outcomes) are modelled as real numbers and are
+rounded (and clipped to their bounds) on the way out.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from numpyro.distributions import constraints, transforms as numpyro_transforms
+from numpyro.distributions.transforms import biject_to
+
+from numpyro_simformer.layout import TokenLayout
+from numpyro_simformer.sites import SiteInfo, support_bounds
+
+__all__ = ["site_bijection", "TokenTransform", "fit_token_transform"]
+
+
+def site_bijection(site: SiteInfo, support=None):
+    """The elementwise bijection from unconstrained space onto ``site``'s support.
+
+    Raises:
+        NotImplementedError: when the support's bijection changes the shape (simplex,
+            correlation matrices ...): those sites cannot be tokens element by element yet.
+    """
+    support = site.support if support is None else support
+    if site.is_discrete:
+        return numpyro_transforms.IdentityTransform()
+    try:
+        transform = biject_to(support)
+    except NotImplementedError as error:
+        raise NotImplementedError(
+            f"Site {site.name!r} has support {support}, for which NumPyro has no bijection "
+            "to unconstrained space. Exclude it (`exclude_sites=`) or reparametrise it."
+        ) from error
+    if tuple(transform.inverse_shape(site.shape)) != tuple(site.shape):
+        raise NotImplementedError(
+            f"Site {site.name!r} has support {support}, whose unconstrained form has a "
+            f"different shape ({tuple(transform.inverse_shape(site.shape))} instead of "
+            f"{site.shape}); one token per element is not possible. Reparametrise the site "
+            "with elementwise-supported draws (e.g. Gamma draws normalised with a "
+            "`numpyro.deterministic`), or exclude it."
+        )
+    return transform
+
+
+@dataclass(frozen=True)
+class TokenTransform:
+    """Flat constrained tokens <-> z-scored unconstrained tokens.
+
+    Attributes:
+        layout: the token layout.
+        bijections: one NumPyro transform per site (unconstrained -> support).
+        mean, std: float arrays (num_tokens,), z-scoring statistics in unconstrained space.
+    """
+
+    layout: TokenLayout
+    bijections: tuple
+    mean: np.ndarray
+    std: np.ndarray
+
+    def _per_site(self, tokens, apply):
+        slices = self.layout.slices()
+        batch_shape = tokens.shape[:-1]
+        parts = []
+        for site, bijection in zip(self.layout.sites, self.bijections):
+            value = tokens[..., slices[site.name]].reshape(batch_shape + site.shape)
+            parts.append(apply(bijection, value, site).reshape(batch_shape + (site.size,)))
+        return jnp.concatenate(parts, axis=-1)
+
+    def unconstrain(self, tokens):
+        """Constrained (..., num_tokens) -> unconstrained (not yet z-scored)."""
+        return self._per_site(tokens, lambda bijection, value, site: bijection.inv(value))
+
+    def constrain(self, unconstrained):
+        """Unconstrained (..., num_tokens) -> constrained; discrete sites rounded and clipped."""
+
+        def apply(bijection, value, site):
+            value = bijection(value)
+            if site.is_discrete:
+                lower, upper = support_bounds(site.support)
+                value = jnp.round(value)
+                value = jnp.clip(value, lower, upper)
+            return value
+
+        return self._per_site(unconstrained, apply)
+
+    def to_z(self, tokens):
+        """Constrained tokens -> z-space."""
+        return (self.unconstrain(tokens) - self.mean) / self.std
+
+    def from_z(self, z):
+        """z-space -> constrained tokens."""
+        return self.constrain(z * self.std + self.mean)
+
+    def log_abs_det_jacobian_from_z(self, z):
+        """log |d constrained / d z| summed over tokens, for each leading index of ``z``.
+
+        Discrete sites contribute nothing (their density is not a density in z).
+        """
+        unconstrained = z * self.std + self.mean
+        slices = self.layout.slices()
+        total = jnp.sum(jnp.log(self.std)) * jnp.ones(z.shape[:-1])
+        batch_shape = z.shape[:-1]
+        for site, bijection in zip(self.layout.sites, self.bijections):
+            if site.is_discrete:
+                continue
+            value = unconstrained[..., slices[site.name]].reshape(batch_shape + site.shape)
+            log_det = bijection.log_abs_det_jacobian(value, bijection(value))
+            total = total + jnp.sum(log_det.reshape(batch_shape + (-1,)), axis=-1)
+        return total
+
+
+def fit_token_transform(layout: TokenLayout, tokens: np.ndarray, supports=None) -> TokenTransform:
+    """Bijections for each site and z-scoring statistics from simulated constrained tokens.
+
+    Args:
+        layout: the token layout.
+        tokens: (num_simulations, num_tokens) constrained simulations, all finite.
+        supports: optional per-site supports overriding those in the layout (used when a
+            site's support depends on its parents and a constant fallback was chosen).
+    """
+    bijections = tuple(
+        site_bijection(site, None if supports is None else supports[site.name])
+        for site in layout.sites
+    )
+    transform = TokenTransform(layout, bijections, np.zeros(layout.num_tokens, np.float32),
+                               np.ones(layout.num_tokens, np.float32))
+    unconstrained = np.asarray(jax.jit(transform.unconstrain)(jnp.asarray(tokens)))
+    finite = np.all(np.isfinite(unconstrained), axis=-1)
+    if not finite.all():
+        bad = np.where(~np.all(np.isfinite(unconstrained), axis=0))[0]
+        labels = [layout.labels[i] for i in bad[:5]]
+        warnings.warn(
+            f"{int((~finite).sum())} simulations lie on the boundary of their support in "
+            f"unconstrained space (tokens {labels}); they are left out of the z-scoring "
+            "statistics.",
+            stacklevel=2,
+        )
+        unconstrained = unconstrained[finite]
+    mean = unconstrained.mean(axis=0).astype(np.float32)
+    std = unconstrained.std(axis=0).astype(np.float32)
+    std = np.where(std > 1e-8, std, 1.0).astype(np.float32)
+    return TokenTransform(layout, bijections, mean, std)
+
+
+def constant_support(site: SiteInfo, supports_seen: list) -> object:
+    """The site's support if it is the same in every trace, else ``constraints.real``.
+
+    A support that depends on the parents (``Uniform(0, theta)``) cannot be mapped with one
+    bijection; such a site is modelled in its raw space and a warning says so.
+    """
+    bounds = [support_bounds(support) for support in supports_seen]
+    first_lower, first_upper = bounds[0]
+    for lower, upper in bounds[1:]:
+        for a, b in ((first_lower, lower), (first_upper, upper)):
+            if (a is None) != (b is None) or (a is not None and not np.array_equal(a, b)):
+                warnings.warn(
+                    f"The support of site {site.name!r} changes between simulations (its "
+                    "bounds depend on other sites); it is modelled without a support "
+                    "transform, so its samples may leave the support slightly.",
+                    stacklevel=2,
+                )
+                return constraints.real
+    return site.support
