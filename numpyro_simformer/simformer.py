@@ -20,6 +20,7 @@ from typing import Callable, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpyro
 from flax import nnx
 
 from numpyro_simformer import __version__
@@ -152,10 +153,11 @@ class Simformer:
             return self._user_parents & ~np.eye(num_tokens, dtype=bool)
         from numpyro_simformer.graph import element_parents
 
-        labels, parents = element_parents(
-            self.model, model_args, model_kwargs, token_sites=self.token_sites,
-            exclude_sites=self.exclude_sites, rng_key=rng_key,
-        )
+        with numpyro.validation_enabled(False):  # as in simulation: bad draws are counted later
+            labels, parents = element_parents(
+                self.model, model_args, model_kwargs, token_sites=self.token_sites,
+                exclude_sites=self.exclude_sites, rng_key=rng_key,
+            )
         if list(labels) != self.layout.labels:
             raise AssertionError("The dependency graph's token order differs from the layout's.")
         return np.asarray(parents, dtype=bool)

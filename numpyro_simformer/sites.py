@@ -13,6 +13,7 @@ from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
+import numpyro
 from numpyro import handlers
 from numpyro.distributions import constraints
 
@@ -46,9 +47,14 @@ class SiteInfo:
 
 
 def trace_model(rng_key, model: Callable, model_args: tuple, model_kwargs: dict):
-    """Trace ``model`` once under ``rng_key``; errors from the model are re-raised with context."""
+    """Trace ``model`` once under ``rng_key``; errors from the model are re-raised with context.
+
+    Distribution argument validation is off, as it is under ``jit`` during simulation: a
+    simulator that sometimes yields NaN is read, and its bad draws are counted later.
+    """
     try:
-        return handlers.trace(handlers.seed(model, rng_key)).get_trace(*model_args, **model_kwargs)
+        with numpyro.validation_enabled(False):
+            return handlers.trace(handlers.seed(model, rng_key)).get_trace(*model_args, **model_kwargs)
     except Exception as error:  # noqa: BLE001 - the user's model can raise anything
         raise RuntimeError(
             f"Tracing the model {getattr(model, '__name__', model)!r} failed with "

@@ -1,0 +1,217 @@
+"""Benchmark runner: C2ST of the Simformer on the paper's tasks, one table for all.
+
+Each run (task, simulation budget, attention, seed) trains one Simformer with the
+library's defaults in a fresh subprocess (so its peak memory is its own), then answers
+posterior queries for sbibm observations, or random conditionals, and scores them with
+C2ST against the task's reference samples: the MLP classifier exactly as sbibm defines it
+and the random forest the paper used. Rows are appended to a CSV as they finish; an
+interrupted benchmark resumes where it stopped. A markdown table is written beside it.
+
+    python benchmarks/run.py --name core --tasks linear_gaussian two_moons \\
+        --budgets 10000 --attention dense --observations 1 2 3
+
+Not a test: it takes minutes to hours on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+FIELDS = [
+    "task", "num_simulations", "attention", "seed", "query", "c2st_mlp", "c2st_rf", "num_c2st_samples",
+    "training_s", "steps", "stopped_early", "sampling_s", "network_evaluations", "peak_rss_mib",
+    "simulations_invalid", "machine", "date",
+]
+
+# The paper's C2ST (random forest), read from the authors' figures; 1e3 / 1e4 / 1e5 simulations.
+PAPER = {
+    ("linear_gaussian", "dense"): {1_000: 0.732, 10_000: 0.635, 100_000: 0.505},
+    ("linear_gaussian", "undirected"): {1_000: 0.540, 10_000: 0.507, 100_000: 0.503},
+    ("gaussian_mixture", "dense"): {1_000: 0.574, 10_000: 0.515, 100_000: 0.506},
+    ("gaussian_mixture", "undirected"): {1_000: 0.572, 10_000: 0.515, 100_000: 0.504},
+    ("two_moons", "dense"): {1_000: 0.611, 10_000: 0.525, 100_000: 0.506},
+    ("two_moons", "undirected"): {1_000: 0.611, 10_000: 0.525, 100_000: 0.505},
+    ("slcp", "dense"): {1_000: 0.924, 10_000: 0.784, 100_000: 0.703},
+    ("slcp", "undirected"): {1_000: 0.831, 10_000: 0.646, 100_000: 0.569},
+    ("tree", "undirected", "random"): {1_000: 0.590, 10_000: 0.541, 100_000: 0.527},
+    ("hmm", "undirected", "random"): {1_000: 0.601, 10_000: 0.541, 100_000: 0.526},
+    ("two_moons", "undirected", "random"): {1_000: 0.601, 10_000: 0.526, 100_000: 0.510},
+    ("slcp", "undirected", "random"): {1_000: 0.729, 10_000: 0.600, 100_000: 0.555},
+}
+
+
+def machine() -> str:
+    return f"{platform.machine()} {os.cpu_count()} cores, {platform.python_version()}"
+
+
+def _queries(task, args, rng_key):
+    """(name, observed, reference samples as a flat array over the latent tokens)."""
+    import jax
+    import numpy as np
+
+    from numpyro_simformer.tasks import random_condition_masks
+
+    if args.conditionals == "posterior":
+        for number in args.observations:
+            observed = task.observation(number)
+            reference = task.reference_posterior_samples(number)
+            yield f"observation {number}", observed, reference
+        return
+    key_masks, key_joint, key_reference = jax.random.split(rng_key, 3)
+    masks = random_condition_masks(key_masks, task, args.num_conditionals)
+    joint = task.flatten(task.simulate(key_joint, args.num_conditionals))
+    for index, mask in enumerate(masks):
+        observed = task.observed_from_mask(joint[index], mask)
+        draws = task.reference_conditional(jax.random.fold_in(key_reference, index), observed, args.num_samples)
+        reference = task.flatten({name: draws.get(name, np.asarray(observed[name])[None].repeat(args.num_samples, 0))
+                                  for name in task.token_sites})[:, ~mask]
+        yield f"random {index}", observed, reference
+
+
+def single_run(args) -> list[dict]:
+    """Train one Simformer and score its queries (runs inside the subprocess)."""
+    import jax
+    import numpy as np
+
+    from numpyro_simformer import Simformer
+    from numpyro_simformer.diagnostics import c2st
+    from numpyro_simformer import tasks as task_module
+
+    task = getattr(task_module, args.task)()
+    key_fit, key_queries, key_sample = jax.random.split(jax.random.key(args.seed), 3)
+    sf = Simformer(task.model, num_simulations=args.num_simulations, attention=args.attention_kind,
+                   token_sites=list(task.token_sites), exclude_sites=list(task.exclude_sites), progress_bar=False)
+    sf.fit(key_fit)
+    rows = []
+    for index, (query, observed, reference) in enumerate(_queries(task, args, key_queries)):
+        start = time.perf_counter()
+        tree = sf.sample(jax.random.fold_in(key_sample, index), observed=observed, num_samples=args.num_samples)
+        sampling_s = time.perf_counter() - start
+        draws = {}
+        for group in ("posterior", "posterior_predictive"):
+            if group in tree.children:
+                for name, value in tree[group].data_vars.items():
+                    draws[name] = np.asarray(value.values).reshape((-1,) + value.shape[2:])
+        flat = task.flatten({name: draws.get(name, np.asarray(observed.get(name))[None].repeat(args.num_samples, 0))
+                             for name in task.token_sites})
+        latent = np.isnan(task.flatten({name: observed.get(name, np.full(task.site_shapes[name], np.nan))
+                                        for name in task.token_sites}))
+        estimate = flat[:, latent] if args.conditionals == "random" else flat[:, : reference.shape[1]]
+        n = min(args.num_c2st_samples, len(estimate), len(reference))
+        rows.append({
+            "task": args.task, "num_simulations": args.num_simulations, "attention": args.attention_kind,
+            "seed": args.seed, "query": query,
+            "c2st_mlp": round(c2st(estimate[:n], reference[:n]), 4) if not args.skip_mlp else "",
+            "c2st_rf": round(c2st(estimate[:n], reference[:n], classifier="rf"), 4),
+            "num_c2st_samples": n, "training_s": round(sf.training_time, 1), "steps": int(sf.history.step[-1]),
+            "stopped_early": bool(sf.history.stopped_early), "sampling_s": round(sampling_s, 2),
+            "network_evaluations": sf.sampler.network_evaluations,
+            "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+            "simulations_invalid": sf.simulation_info.num_invalid, "machine": machine(),
+            "date": time.strftime("%Y-%m-%d"),
+        })
+    return rows
+
+
+def _done(path: Path) -> set[tuple]:
+    if not path.exists():
+        return set()
+    with path.open() as handle:
+        return {(r["task"], int(r["num_simulations"]), r["attention"], int(r["seed"])) for r in csv.DictReader(handle)}
+
+
+def write_markdown(csv_path: Path, conditionals: str) -> Path:
+    """Mean C2ST per (task, budget, attention) with the paper's number beside it."""
+    import numpy as np
+
+    with csv_path.open() as handle:
+        rows = list(csv.DictReader(handle))
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["task"], int(row["num_simulations"]), row["attention"]), []).append(row)
+    lines = [
+        f"| task | simulations | attention | C2ST MLP (sbibm) | C2ST RF | paper (RF) | queries | "
+        "training s | steps | sampling s / query | peak RSS MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for (task, budget, attention), group in sorted(groups.items()):
+        mean = lambda key: np.mean([float(r[key]) for r in group if r[key] != ""]) if any(r[key] != "" for r in group) else float("nan")
+        paper_key = (task, attention, "random") if conditionals == "random" else (task, attention)
+        paper = PAPER.get(paper_key, {}).get(budget)
+        lines.append(
+            f"| {task} | {budget:,} | {attention} | {mean('c2st_mlp'):.3f} | {mean('c2st_rf'):.3f} | "
+            f"{'' if paper is None else f'{paper:.3f}'} | {len(group)} | {mean('training_s'):.0f} | "
+            f"{mean('steps'):.0f} | {mean('sampling_s'):.1f} | {mean('peak_rss_mib'):.0f} |"
+        )
+    machine_line = rows[0]["machine"] if rows else machine()
+    lines += ["", f"Machine: {machine_line}. C2ST on {rows[0]['num_c2st_samples'] if rows else '?'} samples per side."]
+    out = csv_path.with_suffix(".md")
+    out.write_text("\n".join(lines) + "\n")
+    return out
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--name", default="results", help="results file stem under benchmarks/results/")
+    parser.add_argument("--tasks", nargs="+", default=["linear_gaussian", "two_moons"])
+    parser.add_argument("--budgets", nargs="+", type=int, default=[10_000])
+    parser.add_argument("--attention", nargs="+", default=["undirected"], choices=["dense", "undirected"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--conditionals", choices=["posterior", "random"], default="posterior")
+    parser.add_argument("--observations", nargs="+", type=int, default=[1, 2, 3])
+    parser.add_argument("--num-conditionals", type=int, default=20)
+    parser.add_argument("--num-samples", type=int, default=10_000)
+    parser.add_argument("--num-c2st-samples", type=int, default=10_000)
+    parser.add_argument("--skip-mlp", action="store_true", help="random-forest C2ST only (fast)")
+    parser.add_argument("--single", nargs=4, metavar=("TASK", "BUDGET", "ATTENTION", "SEED"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.single:
+        args.task, budget, args.attention_kind, seed = args.single
+        args.num_simulations, args.seed = int(budget), int(seed)
+        print(json.dumps(single_run(args)))
+        return
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    csv_path = RESULTS / f"{args.name}.csv"
+    done = _done(csv_path)
+    runs = [(t, b, a, s) for t in args.tasks for b in args.budgets for a in args.attention for s in args.seeds]
+    passthrough = sys.argv[1:]
+    for number, (task, budget, attention, seed) in enumerate(runs, 1):
+        if (task, budget, attention, seed) in done:
+            print(f"[{number}/{len(runs)}] {task} {budget} {attention} seed {seed}: done already")
+            continue
+        print(f"[{number}/{len(runs)}] {task} {budget} {attention} seed {seed} ...", flush=True)
+        start = time.perf_counter()
+        result = subprocess.run(
+            [sys.executable, __file__, *passthrough, "--single", task, str(budget), attention, str(seed)],
+            capture_output=True, text=True,
+        )
+        if result.returncode:
+            print(result.stderr[-3000:])
+            raise SystemExit(f"run {task} {budget} {attention} {seed} failed")
+        rows = json.loads(result.stdout.strip().splitlines()[-1])
+        new = not csv_path.exists()
+        with csv_path.open("a", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=FIELDS)
+            if new:
+                writer.writeheader()
+            writer.writerows(rows)
+        summary = ", ".join(f"{r['query']}: {r['c2st_mlp']}/{r['c2st_rf']}" for r in rows)
+        print(f"    {time.perf_counter() - start:.0f} s; C2ST MLP/RF {summary}", flush=True)
+    table = write_markdown(csv_path, args.conditionals)
+    print(table.read_text())
+
+
+if __name__ == "__main__":
+    main()

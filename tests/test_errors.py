@@ -1,0 +1,141 @@
+"""Bad input gets a clear error naming the site or argument, raised before any tracing."""
+
+import jax
+import numpy as np
+import numpyro
+import numpyro.distributions as dist
+import pytest
+
+from numpyro_simformer import NetworkConfig, Simformer, TrainingConfig
+
+TINY = dict(
+    num_simulations=100,
+    network=NetworkConfig(width=8, num_layers=1, num_heads=1, mlp_width=8),
+    training=TrainingConfig(max_steps=10, steps_per_call=5, validation_interval=5),
+    progress_bar=False,
+)
+
+
+def model():
+    theta = numpyro.sample("theta", dist.Normal(0.0, 1.0).expand([2]).to_event(1))
+    numpyro.sample("x", dist.Normal(theta, 1.0).to_event(1))
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    return Simformer(model, **TINY).fit(jax.random.key(0))
+
+
+def test_unknown_site_in_observed(fitted, rng_key):
+    with pytest.raises(ValueError, match=r"unknown site 'y'.*\['theta', 'x'\]"):
+        fitted.sample(rng_key, observed={"y": np.zeros(2)}, num_samples=4)
+
+
+def test_wrong_shape(fitted, rng_key):
+    with pytest.raises(ValueError, match=r"observed\['x'\] has shape \(3,\).*shape \(2,\)"):
+        fitted.sample(rng_key, observed={"x": np.zeros(3)}, num_samples=4)
+
+
+def test_every_site_observed(fitted, rng_key):
+    with pytest.raises(ValueError, match="nothing to infer"):
+        fitted.sample(rng_key, observed={"x": np.zeros(2), "theta": np.zeros(2)}, num_samples=4)
+
+
+def test_non_numeric_observed(fitted, rng_key):
+    with pytest.raises(TypeError, match=r"observed\['x'\] must be numeric"):
+        fitted.sample(rng_key, observed={"x": "abc"}, num_samples=4)
+
+
+def test_infinite_observed(fitted, rng_key):
+    with pytest.raises(ValueError, match=r"observed\['x'\] contains inf"):
+        fitted.sample(rng_key, observed={"x": np.array([np.inf, 0.0])}, num_samples=4)
+
+
+@pytest.mark.parametrize("num_samples", [0, -3, 2.5])
+def test_non_positive_num_samples(fitted, rng_key, num_samples):
+    with pytest.raises(ValueError, match="`num_samples` must be a positive integer"):
+        fitted.sample(rng_key, observed={"x": np.zeros(2)}, num_samples=num_samples)
+
+
+@pytest.mark.parametrize("num_simulations", [0, -1, 10.0])
+def test_non_positive_num_simulations(num_simulations):
+    with pytest.raises(ValueError, match="`num_simulations` must be a positive integer"):
+        Simformer(model, num_simulations=num_simulations)
+
+
+def test_sample_before_fit(rng_key):
+    with pytest.raises(RuntimeError, match=r"call `fit\(rng_key, ...\)` first"):
+        Simformer(model, **TINY).sample(rng_key, observed={"x": np.zeros(2)}, num_samples=4)
+
+
+def test_model_without_sample_sites(rng_key):
+    def empty_model():
+        numpyro.deterministic("z", 1.0)
+
+    with pytest.raises(ValueError, match="no unobserved sample sites"):
+        Simformer(empty_model, **TINY).fit(rng_key)
+
+
+def test_model_that_fails_when_traced(rng_key):
+    def broken_model(scale):
+        numpyro.sample("theta", dist.Normal(0.0, scale))
+        raise KeyError("the model's own problem")
+
+    with pytest.raises(RuntimeError, match="KeyError: \"the model's own problem\""):
+        Simformer(broken_model, **TINY).fit(rng_key, 1.0)
+
+
+def test_model_missing_argument(rng_key):
+    def needs_argument(n):
+        numpyro.sample("theta", dist.Normal(0.0, 1.0).expand([n]).to_event(1))
+
+    with pytest.raises(RuntimeError, match="missing 1 required positional argument"):
+        Simformer(needs_argument, **TINY).fit(rng_key)
+
+
+def test_all_simulations_nan(rng_key):
+    def nan_model():
+        theta = numpyro.sample("theta", dist.Normal(0.0, 1.0))
+        numpyro.sample("x", dist.Normal(theta * np.nan, 1.0))
+
+    with pytest.raises(RuntimeError, match="All 100 simulations contained NaN or inf"):
+        Simformer(nan_model, **TINY).fit(rng_key)
+
+
+def test_some_simulations_nan_are_counted(rng_key):
+    def sometimes_nan_model():
+        theta = numpyro.sample("theta", dist.Normal(0.0, 1.0))
+        numpyro.sample("x", dist.Normal(jax.numpy.log(theta), 1.0))  # NaN for theta < 0
+
+    sf = Simformer(sometimes_nan_model, **TINY)
+    with pytest.warns(UserWarning, match="simulations contained NaN or inf and were dropped"):
+        sf.fit(rng_key)
+    info = sf.simulation_info
+    assert info.num_invalid > 20 and info.num_valid + info.num_invalid == 100
+
+
+def test_observed_outside_support(rng_key):
+    def bounded():
+        theta = numpyro.sample("theta", dist.Uniform(0.0, 1.0))
+        numpyro.sample("x", dist.Normal(theta, 1.0))
+
+    sf = Simformer(bounded, **TINY).fit(rng_key)
+    with pytest.raises(ValueError, match=r"observed\['theta'\].*outside the site's support"):
+        sf.sample(rng_key, observed={"theta": 1.5}, num_samples=4)
+
+
+def test_unknown_exclude_site(rng_key):
+    with pytest.raises(ValueError, match="exclude_sites names 'noise'"):
+        Simformer(model, exclude_sites=["noise"], **TINY).fit(rng_key)
+
+
+def test_bad_attention_argument():
+    with pytest.raises(ValueError, match="`attention` must be one of"):
+        Simformer(model, attention="sparse")
+
+
+def test_bad_config_values():
+    with pytest.raises(ValueError, match="TrainingConfig.batch_size"):
+        TrainingConfig(batch_size=0)
+    with pytest.raises(ValueError, match="divisible by num_heads"):
+        NetworkConfig(width=10, num_heads=3)
