@@ -1,0 +1,348 @@
+"""Element-level dependency graphs against hand-derived ones, attention masks, and plotting."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import numpyro.distributions as dist
+import pytest
+from numpyro.contrib.control_flow import scan
+
+from numpyro_simformer.graph import attention_mask, dependency_matrix, element_parents
+
+
+def _expected(labels: list[str], edges: dict[str, list[str]]) -> np.ndarray:
+    """Parents matrix from ``{child: [parents]}``, checking every label exists."""
+    index = {label: i for i, label in enumerate(labels)}
+    parents = np.zeros((len(labels), len(labels)), dtype=bool)
+    for child, parent_labels in edges.items():
+        for parent in parent_labels:
+            parents[index[child], index[parent]] = True
+    return parents
+
+
+def _assert_graph(labels, parents, edges, expected_labels=None):
+    if expected_labels is not None:
+        assert labels == expected_labels
+    assert parents.dtype == bool and parents.shape == (len(labels), len(labels))
+    expected = _expected(labels, edges)
+    missing = [(labels[i], labels[j]) for i, j in zip(*np.nonzero(expected & ~parents))]
+    extra = [(labels[i], labels[j]) for i, j in zip(*np.nonzero(parents & ~expected))]
+    assert not missing and not extra, f"missing (child, parent): {missing}; extra: {extra}"
+
+
+def _vector(name, n):
+    return [f"{name}[{i}]" for i in range(n)]
+
+
+# --- models -------------------------------------------------------------------------------
+
+
+def linear_gaussian():
+    theta = numpyro.sample("theta", dist.Normal(0, 1).expand([10]).to_event(1))
+    numpyro.sample("x", dist.Normal(theta, 0.1).to_event(1))
+
+
+def tree():
+    theta0 = numpyro.sample("theta0", dist.Normal(0, 1))
+    theta1 = numpyro.sample("theta1", dist.Normal(theta0, 1))
+    theta2 = numpyro.sample("theta2", dist.Normal(theta0, 1))
+    numpyro.sample("x1", dist.Normal(jnp.sin(theta1) ** 2, 0.2))
+    numpyro.sample("x2", dist.Normal(0.1 * theta1**2, 0.2))
+    numpyro.sample("x3", dist.Normal(0.1 * theta2**2, 0.6))
+    numpyro.sample("x4", dist.Normal(jnp.cos(theta2) ** 2, 0.1))
+
+
+def hmm_loop(num_steps=10):
+    theta = 0.0
+    for i in range(num_steps):
+        theta = numpyro.sample(f"theta{i}", dist.Normal(theta, 0.5))
+        numpyro.sample(f"x{i}", dist.Normal(theta**2, 0.5))
+
+
+def hmm_scan(num_steps=10):
+    def step(previous, _):
+        theta = numpyro.sample("theta", dist.Normal(previous, 0.5))
+        numpyro.sample("x", dist.Normal(theta**2, 0.5))
+        return theta, None
+
+    scan(step, 0.0, None, length=num_steps)
+
+
+def slcp():
+    theta = numpyro.sample("theta", dist.Uniform(-3, 3).expand([5]).to_event(1))
+    scale1, scale2, rho = theta[2] ** 2, theta[3] ** 2, jnp.tanh(theta[4])
+    covariance = jnp.array(
+        [[scale1**2, rho * scale1 * scale2], [rho * scale1 * scale2, scale2**2]]
+    )
+    block = dist.MultivariateNormal(theta[:2], covariance)
+    numpyro.sample("x", block.expand([4]).to_event(1))
+
+
+def hierarchical():
+    mu = numpyro.sample("mu", dist.Normal(0, 1))
+    tau = numpyro.sample("tau", dist.HalfNormal(1))
+    with numpyro.plate("groups", 3, dim=-1):
+        group_mean = numpyro.sample("m", dist.Normal(mu, tau))
+        with numpyro.plate("units", 2, dim=-2):
+            numpyro.sample("x", dist.Normal(group_mean, 1))
+
+
+def with_deterministic():
+    with numpyro.plate("p", 3):
+        theta = numpyro.sample("theta", dist.Normal(0, 1))
+    shifted = numpyro.deterministic("shifted", 2 * theta + 1)
+    reversed_ = numpyro.deterministic("reversed", shifted[::-1])
+    with numpyro.plate("p", 3):
+        numpyro.sample("x", dist.Normal(reversed_, 1))
+
+
+def two_moons():
+    theta = numpyro.sample("theta", dist.Uniform(-1, 1).expand([2]).to_event(1))
+    angle = numpyro.sample("a", dist.Uniform(-jnp.pi / 2, jnp.pi / 2))
+    radius = numpyro.sample("r", dist.Normal(0.1, 0.01))
+    mean = jnp.stack([
+        radius * jnp.cos(angle) + 0.25 - jnp.abs(theta[0] + theta[1]) / jnp.sqrt(2.0),
+        radius * jnp.sin(angle) + (-theta[0] + theta[1]) / jnp.sqrt(2.0),
+    ])
+    numpyro.sample("x", dist.Normal(mean, 1e-3).to_event(1))
+
+
+def poisson_observation():
+    with numpyro.plate("p", 3):
+        theta = numpyro.sample("theta", dist.Normal(0, 1))
+        numpyro.sample("x", dist.Poisson(jnp.exp(theta)))
+
+
+def plate_sum():
+    with numpyro.plate("p", 4):
+        theta = numpyro.sample("theta", dist.Normal(0, 1))
+        numpyro.sample("x", dist.Normal(theta.sum(), 1))
+
+
+def discrete_parent():
+    z = numpyro.sample("z", dist.Bernoulli(0.5).expand([2]).to_event(1))
+    theta = numpyro.sample("theta", dist.Normal(0, 1).expand([2]).to_event(1))
+    numpyro.sample("x", dist.Normal(theta * (1 + z), 1).to_event(1))
+
+
+def non_differentiable():
+    theta = numpyro.sample("theta", dist.Normal(0, 1).expand([3]).to_event(1))
+    loc = jnp.stack([
+        jnp.floor(3 * theta[0]),
+        jax.lax.stop_gradient(theta[1]),
+        jnp.where(theta[2] > 0, 1.0, -1.0),
+    ])
+    numpyro.sample("x", dist.Normal(loc, 1).to_event(1))
+
+
+def observed_factor_auxiliary():
+    a = numpyro.sample("a", dist.Normal(0, 1))
+    b = numpyro.sample("b", dist.Normal(0, 1))
+    c = numpyro.sample("c", dist.Normal(0, 1))
+    numpyro.sample("y", dist.Normal(a + b, 1), obs=1.0)  # couples a and b
+    numpyro.factor("penalty", -((b - c) ** 2))  # couples b and c
+    helper = numpyro.sample("helper", dist.Normal(a, 1), infer={"is_auxiliary": True})
+    numpyro.sample("d", dist.Normal(helper, 1))
+
+
+# --- graphs against hand-derived ones ----------------------------------------------------
+
+
+def test_linear_gaussian(rng_key):
+    labels, parents = element_parents(linear_gaussian, rng_key=rng_key)
+    edges = {f"x[{i}]": [f"theta[{i}]"] for i in range(10)}
+    _assert_graph(labels, parents, edges, _vector("theta", 10) + _vector("x", 10))
+
+
+def test_tree(rng_key):
+    labels, parents = element_parents(tree, rng_key=rng_key)
+    edges = {"theta1": ["theta0"], "theta2": ["theta0"], "x1": ["theta1"],
+             "x2": ["theta1"], "x3": ["theta2"], "x4": ["theta2"]}
+    _assert_graph(labels, parents, edges, ["theta0", "theta1", "theta2", "x1", "x2", "x3", "x4"])
+
+
+def test_hmm_python_loop(rng_key):
+    labels, parents = element_parents(hmm_loop, rng_key=rng_key)
+    edges = {f"x{i}": [f"theta{i}"] for i in range(10)}
+    edges.update({f"theta{i}": [f"theta{i - 1}"] for i in range(1, 10)})
+    _assert_graph(labels, parents, edges, [f"{n}{i}" for i in range(10) for n in ("theta", "x")])
+
+
+def test_hmm_scan(rng_key):
+    labels, parents = element_parents(hmm_scan, rng_key=rng_key)
+    edges = {f"x[{i}]": [f"theta[{i}]"] for i in range(10)}
+    edges.update({f"theta[{i}]": [f"theta[{i - 1}]"] for i in range(1, 10)})
+    _assert_graph(labels, parents, edges, _vector("theta", 10) + _vector("x", 10))
+
+
+def test_slcp_blocks_depend_on_all_theta_and_link_within(rng_key):
+    labels, parents = element_parents(slcp, rng_key=rng_key)
+    theta = _vector("theta", 5)
+    edges = {}
+    for block in range(4):
+        edges[f"x[{block},0]"] = theta
+        edges[f"x[{block},1]"] = theta + [f"x[{block},0]"]
+    _assert_graph(labels, parents, edges, theta + [f"x[{b},{k}]" for b in range(4) for k in range(2)])
+
+
+def test_nested_plates(rng_key):
+    labels, parents = element_parents(hierarchical, rng_key=rng_key)
+    edges = {f"m[{g}]": ["mu", "tau"] for g in range(3)}
+    edges.update({f"x[{u},{g}]": [f"m[{g}]"] for u in range(2) for g in range(3)})
+    expected_labels = ["mu", "tau"] + _vector("m", 3) + [f"x[{u},{g}]" for u in range(2) for g in range(3)]
+    _assert_graph(labels, parents, edges, expected_labels)
+
+
+def test_edges_pass_through_deterministic_sites(rng_key):
+    labels, parents = element_parents(with_deterministic, rng_key=rng_key)
+    edges = {f"x[{i}]": [f"theta[{2 - i}]"] for i in range(3)}
+    _assert_graph(labels, parents, edges, _vector("theta", 3) + _vector("x", 3))
+
+
+def test_excluded_noise_is_marginalised(rng_key):
+    labels, parents = element_parents(two_moons, exclude_sites=["a", "r"], rng_key=rng_key)
+    theta = _vector("theta", 2)
+    edges = {"x[0]": theta, "x[1]": theta + ["x[0]"]}
+    _assert_graph(labels, parents, edges, theta + ["x[0]", "x[1]"])
+    # kept as tokens, the noise sites are ordinary parents
+    labels, parents = element_parents(two_moons, rng_key=rng_key)
+    edges = {"x[0]": theta + ["a", "r"], "x[1]": theta + ["a", "r"]}
+    _assert_graph(labels, parents, edges, theta + ["a", "r", "x[0]", "x[1]"])
+
+
+def test_token_sites_choose_and_order_tokens(rng_key):
+    labels, parents = element_parents(two_moons, token_sites=["x", "theta"], rng_key=rng_key)
+    theta = _vector("theta", 2)
+    _assert_graph(labels, parents, {"x[0]": theta, "x[1]": theta + ["x[0]"]}, ["x[0]", "x[1]"] + theta)
+
+
+def test_poisson_child_is_element_wise(rng_key):
+    labels, parents = element_parents(poisson_observation, rng_key=rng_key)
+    _assert_graph(labels, parents, {f"x[{i}]": [f"theta[{i}]"] for i in range(3)})
+
+
+def test_sum_over_plate_links_every_element(rng_key):
+    labels, parents = element_parents(plate_sum, rng_key=rng_key)
+    _assert_graph(labels, parents, {f"x[{i}]": _vector("theta", 4) for i in range(4)})
+
+
+def test_discrete_parent_falls_back_to_site_level(rng_key):
+    labels, parents = element_parents(discrete_parent, rng_key=rng_key)
+    edges = {f"x[{i}]": ["z[0]", "z[1]", f"theta[{i}]"] for i in range(2)}
+    _assert_graph(labels, parents, edges, _vector("z", 2) + _vector("theta", 2) + _vector("x", 2))
+
+
+def test_non_differentiable_paths_are_found(rng_key):
+    labels, parents = element_parents(non_differentiable, rng_key=rng_key)
+    _assert_graph(labels, parents, {f"x[{i}]": [f"theta[{i}]"] for i in range(3)})
+
+
+def test_observed_factor_and_auxiliary_sites(rng_key):
+    labels, parents = dependency_matrix(observed_factor_auxiliary)
+    # observed y and the factor marry their parents; the auxiliary helper is marginalised
+    _assert_graph(labels, parents, {"b": ["a"], "c": ["b"], "d": ["a"]}, ["a", "b", "c", "d"])
+
+
+def test_dependency_matrix_passes_model_arguments():
+    labels, parents = dependency_matrix(hmm_loop, 3)
+    edges = {"theta1": ["theta0"], "theta2": ["theta1"], "x0": ["theta0"], "x1": ["theta1"], "x2": ["theta2"]}
+    _assert_graph(labels, parents, edges, ["theta0", "x0", "theta1", "x1", "theta2", "x2"])
+
+
+def test_deterministic_given_key(rng_key):
+    first = element_parents(tree, rng_key=rng_key, num_draws=2)
+    second = element_parents(tree, rng_key=rng_key, num_draws=2)
+    assert first[0] == second[0] and np.array_equal(first[1], second[1])
+
+
+class _Untraceable(dist.Normal):
+    """A log-density that only works on concrete values, so the Jacobian route fails."""
+
+    def log_prob(self, value):
+        float(jnp.sum(self.loc))
+        return super().log_prob(value)
+
+
+def untraceable():
+    theta = numpyro.sample("theta", dist.Normal(0, 1).expand([2]).to_event(1))
+    numpyro.sample("x", _Untraceable(theta[::-1], 1).to_event(1))
+
+
+def test_failing_site_falls_back_to_site_level_with_warning(rng_key):
+    with pytest.warns(UserWarning, match="'x'"):
+        labels, parents = element_parents(untraceable, rng_key=rng_key)
+    edges = {f"x[{i}]": _vector("theta", 2) for i in range(2)}
+    expected = _expected(labels, edges)
+    assert np.all(parents[expected]), "a site-level fallback must keep every true edge"
+    assert not parents[:2].any(), "theta has no parents"
+
+
+# --- errors ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"token_sites": ["theta", "nope"]}, "'nope'.*not a site"),
+        ({"exclude_sites": ["y"]}, "'y'.*observed"),
+        ({"exclude_sites": ["s"]}, "'s'.*deterministic"),
+        ({"token_sites": ["theta", "theta"]}, "more than once"),
+        ({"exclude_sites": ["theta"], "token_sites": ["theta"]}, "No token is left"),
+        ({"num_draws": 0}, "num_draws"),
+    ],
+)
+def test_clear_errors(kwargs, message):
+    def model():
+        theta = numpyro.sample("theta", dist.Normal(0, 1))
+        numpyro.deterministic("s", 2 * theta)
+        numpyro.sample("y", dist.Normal(theta, 1), obs=0.5)
+
+    with pytest.raises(ValueError, match=message):
+        element_parents(model, **kwargs)
+
+
+# --- attention masks ---------------------------------------------------------------------
+
+
+def test_undirected_mask_is_the_moral_graph():
+    # v-structure a -> c <- b, and c -> d
+    parents = _expected(["a", "b", "c", "d"], {"c": ["a", "b"], "d": ["c"]})
+    mask = attention_mask(parents)
+    assert mask.dtype == bool and np.all(np.diag(mask))
+    assert mask[0, 1] and mask[1, 0], "co-parents a, b must see each other"
+    assert mask[2, 0] and mask[0, 2] and mask[3, 2] and mask[2, 3]
+    assert not mask[0, 3] and not mask[3, 1]
+    np.testing.assert_array_equal(mask, mask.T)
+
+
+def test_directed_dense_and_callable_masks():
+    parents = _expected(["a", "b", "c"], {"c": ["a", "b"]})
+    np.testing.assert_array_equal(attention_mask(parents, "directed"), parents | np.eye(3, dtype=bool))
+    assert attention_mask(parents, "dense").all()
+    custom = attention_mask(parents, lambda graph: graph.T)
+    np.testing.assert_array_equal(custom, parents.T | np.eye(3, dtype=bool))
+
+
+def test_mask_errors():
+    with pytest.raises(ValueError, match="undirected.*directed.*dense"):
+        attention_mask(np.zeros((2, 2), bool), "moral")
+    with pytest.raises(ValueError, match="square"):
+        attention_mask(np.zeros((2, 3), bool))
+
+
+def test_plot_dependencies_runs_with_agg():
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from numpyro_simformer.plot import plot_dependencies
+
+    labels = ["a", "b", "c"]
+    parents = _expected(labels, {"c": ["a", "b"]})
+    ax = plot_dependencies(labels, attention_mask(parents), title="moral graph")
+    assert [t.get_text() for t in ax.get_xticklabels()] == labels
+    assert ax.get_title() == "moral graph"
+    with pytest.raises(ValueError, match="3 labels"):
+        plot_dependencies(labels, np.zeros((2, 2), bool))
+    plt.close(ax.figure)
