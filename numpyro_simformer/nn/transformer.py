@@ -33,8 +33,8 @@ class NetworkConfig:
     """
 
     width: int = 64
-    num_layers: int = 4
-    num_heads: int = 4
+    num_layers: int = 3
+    num_heads: int = 2
     mlp_width: int = 128
     num_time_features: int = 64
     num_coordinate_features: int = 16

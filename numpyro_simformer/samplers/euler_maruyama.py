@@ -53,10 +53,11 @@ class EulerMaruyama:
     """Euler–Maruyama on the reverse SDE, ``num_steps`` uniform steps in t.
 
     ``num_steps`` network evaluations per sample (plus one for the final denoising).
-    The reference uses 500 steps; 100-200 lose little once the network is trained.
+    The reference uses 500 steps; the notes measured 100 matching 500 once the network
+    is trained (at a fifth of the cost).
     """
 
-    num_steps: int = 200
+    num_steps: int = 100
     final_denoise: bool = True
 
     def __post_init__(self):
