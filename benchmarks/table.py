@@ -1,0 +1,160 @@
+"""Combined benchmark table: every results CSV in one markdown page.
+
+Reads all ``*.csv`` under the results directory: Simformer rows written by ``run.py``
+(method "simformer", one line per attention kind) and NPE rows written by ``npe.py``
+(``method`` column "npe"). Writes one row per (queries, task, budget, method, results file)
+with the mean C2ST over queries and seeds, the paper's Simformer number (random forest,
+read from its figures: ``PAPER`` in ``run.py``) in its own column, the NPE C2ST at the same
+task and budget beside it, and cost: training time, steps, sampling time, peak memory.
+
+    python benchmarks/table.py                      # benchmarks/results -> docs/benchmarks-table.md
+    python benchmarks/table.py --results-dir R --out T.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+OUT = HERE.parent / "docs" / "benchmarks-table.md"
+
+
+def paper_table() -> dict:
+    """The paper's C2ST (RF) curves, from ``run.py``'s ``PAPER``."""
+    if str(HERE) not in sys.path:
+        sys.path.insert(0, str(HERE))
+    from run import PAPER
+
+    return PAPER
+
+
+def load_rows(results_dir: Path) -> list[dict]:
+    """All rows of all CSVs under ``results_dir``, each with ``source``, ``method``, ``label``, ``kind``.
+
+    ``method`` is "npe" for NPE rows and "simformer" for run.py's rows; ``label`` adds the
+    attention kind ("simformer dense"); ``kind`` is "posterior" or "random" (the queries).
+    """
+    rows = []
+    for path in sorted(Path(results_dir).glob("*.csv")):
+        with path.open() as handle:
+            for row in csv.DictReader(handle):
+                if not row.get("task") or not row.get("num_simulations"):
+                    continue
+                row["source"] = path.name
+                row["method"] = row.get("method") or "simformer"
+                attention = row.get("attention") or ""
+                row["label"] = f"{row['method']} {attention}".strip() if row["method"] == "simformer" else row["method"]
+                row["kind"] = "random" if str(row.get("query", "")).startswith("random") else "posterior"
+                row["num_simulations"] = int(row["num_simulations"])
+                rows.append(row)
+    return rows
+
+
+def mean(rows: list[dict], key: str) -> float:
+    values = []
+    for row in rows:
+        try:
+            values.append(float(row.get(key, "")))
+        except (TypeError, ValueError):
+            continue
+    return sum(values) / len(values) if values else math.nan
+
+
+def groups(rows: list[dict]) -> dict[tuple, list[dict]]:
+    """(kind, task, budget, label, source) -> rows."""
+    out: dict[tuple, list[dict]] = {}
+    for row in rows:
+        key = (row["kind"], row["task"], row["num_simulations"], row["label"], row["source"])
+        out.setdefault(key, []).append(row)
+    return out
+
+
+def paper_value(paper: dict, kind: str, task: str, attention: str, budget: int) -> float | None:
+    key = (task, attention, "random") if kind == "random" else (task, attention)
+    return paper.get(key, {}).get(budget)
+
+
+def _fmt(value: float, digits: int = 3) -> str:
+    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+
+def _early(group: list[dict]) -> str:
+    flags = {str(r.get("mlp_early_stopping", "")) for r in group if r.get("c2st_mlp", "") != ""}
+    if not flags:
+        return ""
+    if flags == {"True"}:
+        return "yes"
+    if flags <= {"False", ""}:
+        return "no"
+    return "mixed"
+
+
+def build_table(rows: list[dict], paper: dict) -> str:
+    grouped = groups(rows)
+    npe = {}
+    for (kind, task, budget, label, _source), group in grouped.items():
+        if label == "npe":
+            npe.setdefault((kind, task, budget), []).extend(group)
+    lines = [
+        "| queries | task | simulations | method | C2ST MLP (sbibm) | MLP early-stopped | C2ST RF | "
+        "paper Simformer (RF) | NPE C2ST RF | NPE C2ST MLP | n | training s | steps | sampling s / query | "
+        "peak RSS MiB | file |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for (kind, task, budget, label, source), group in sorted(grouped.items()):
+        attention = label.split(" ", 1)[1] if label.startswith("simformer ") else ""
+        paper_rf = paper_value(paper, kind, task, attention, budget) if attention else None
+        npe_group = npe.get((kind, task, budget), []) if label != "npe" else []
+        lines.append(
+            f"| {kind} | {task} | {budget:,} | {label} | {_fmt(mean(group, 'c2st_mlp'))} | {_early(group)} | "
+            f"{_fmt(mean(group, 'c2st_rf'))} | {_fmt(paper_rf)} | {_fmt(mean(npe_group, 'c2st_rf'))} | "
+            f"{_fmt(mean(npe_group, 'c2st_mlp'))} | {len(group)} | {_fmt(mean(group, 'training_s'), 0)} | "
+            f"{_fmt(mean(group, 'steps'), 0)} | {_fmt(mean(group, 'sampling_s'), 1)} | "
+            f"{_fmt(mean(group, 'peak_rss_mib'), 0)} | {source} |"
+        )
+    machines = sorted({r.get("machine", "") for r in rows if r.get("machine")})
+    samples = sorted({str(r.get("num_c2st_samples", "")) for r in rows if r.get("num_c2st_samples")}, key=int)
+    dates = sorted({r.get("date", "") for r in rows if r.get("date")})
+    notes = [
+        "",
+        "C2ST: mean held-out accuracy of a classifier telling the method's samples from the reference "
+        "(0.5 = indistinguishable), averaged over the n queries (observations or random conditionals) and seeds. "
+        "MLP = sbibm's definition; RF = sbi's random forest, which the paper's figures use. "
+        "\"MLP early-stopped\" = sklearn validation early stopping (faster, less sensitive). "
+        "paper Simformer (RF) = the paper's figure for the same attention kind and budget; "
+        "NPE = `benchmarks/npe.py` at the same task and budget.",
+        "",
+        f"Samples per side: {', '.join(samples) if samples else 'none'}. "
+        f"Machine: {'; '.join(machines) if machines else 'no results yet'}. "
+        f"Dates: {', '.join(dates) if dates else '-'}.",
+    ]
+    if not rows:
+        lines.append("| | | | no results yet | | | | | | | | | | | | |")
+    return "\n".join(lines + notes) + "\n"
+
+
+def write_table(results_dir: Path = RESULTS, out: Path = OUT) -> Path:
+    rows = load_rows(results_dir)
+    text = "# Benchmark results\n\nGenerated by `benchmarks/table.py` from the CSVs in `benchmarks/results/`.\n\n"
+    text += build_table(rows, paper_table())
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    return out
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--results-dir", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=Path, default=OUT)
+    args = parser.parse_args(argv)
+    print(write_table(args.results_dir, args.out).read_text())
+
+
+if __name__ == "__main__":
+    main()

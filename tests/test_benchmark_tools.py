@@ -1,0 +1,99 @@
+"""benchmarks/table.py and benchmarks/plot.py on tiny synthetic result CSVs (no training)."""
+
+import csv
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def _load(name):
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _write(path, fields, rows):
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+@pytest.fixture
+def results_dir(tmp_path):
+    directory = tmp_path / "results"
+    directory.mkdir()
+    # run.py's columns as of an older header (no mlp_early_stopping): must still be read.
+    simformer_fields = ["task", "num_simulations", "attention", "seed", "query", "c2st_mlp", "c2st_rf",
+                        "num_c2st_samples", "training_s", "steps", "stopped_early", "sampling_s",
+                        "network_evaluations", "peak_rss_mib", "simulations_invalid", "machine", "date"]
+    base = {"seed": 0, "num_c2st_samples": 1000, "training_s": 10.0, "steps": 500, "stopped_early": True,
+            "sampling_s": 1.5, "network_evaluations": 100, "peak_rss_mib": 700, "simulations_invalid": 0,
+            "machine": "test-machine 2 cores", "date": "2026-01-01"}
+    _write(directory / "core.csv", simformer_fields, [
+        base | {"task": "two_moons", "num_simulations": 1000, "attention": "dense", "query": "observation 1",
+                "c2st_mlp": 0.70, "c2st_rf": 0.72},
+        base | {"task": "two_moons", "num_simulations": 1000, "attention": "dense", "query": "observation 2",
+                "c2st_mlp": 0.60, "c2st_rf": 0.62},
+        base | {"task": "two_moons", "num_simulations": 10000, "attention": "undirected", "query": "observation 1",
+                "c2st_mlp": "", "c2st_rf": 0.55},
+        base | {"task": "tree", "num_simulations": 1000, "attention": "undirected", "query": "random 0",
+                "c2st_mlp": 0.58, "c2st_rf": 0.60},
+    ])
+    npe = _load("npe")
+    _write(directory / "npe.csv", npe.FIELDS, [
+        base | {"task": "two_moons", "num_simulations": 1000, "method": "npe", "query": "observation 1",
+                "c2st_mlp": 0.80, "mlp_early_stopping": False, "c2st_rf": 0.84, "epochs": 100,
+                "acceptance": 0.99, "flow": "MAF"},
+    ])
+    (directory / "notes.txt").write_text("not a csv")
+    return directory
+
+
+def test_table_on_synthetic_results(results_dir, tmp_path):
+    table = _load("table")
+    out = table.write_table(results_dir, tmp_path / "docs" / "table.md")
+    text = out.read_text()
+    lines = [line for line in text.splitlines() if line.startswith("| posterior | two_moons | 1,000 | simformer dense")]
+    assert len(lines) == 1
+    cells = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    header = [cell.strip() for cell in text.splitlines()[4].strip("|").split("|")]
+    row = dict(zip(header, cells))
+    assert row["C2ST MLP (sbibm)"] == "0.650" and row["C2ST RF"] == "0.670"
+    assert row["paper Simformer (RF)"] == "0.611"  # PAPER[("two_moons", "dense")][1000]
+    assert row["NPE C2ST RF"] == "0.840" and row["n"] == "2"
+    assert "| posterior | two_moons | 1,000 | npe |" in text
+    assert "| random | tree | 1,000 | simformer undirected |" in text
+    assert "0.590" in text  # the paper's tree (random conditionals) number at 1,000
+    assert "test-machine 2 cores" in text
+
+
+def test_table_with_no_results(tmp_path):
+    table = _load("table")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    text = table.write_table(empty, tmp_path / "table.md").read_text()
+    assert "no results yet" in text
+
+
+@pytest.mark.parametrize("metric", ["both", "rf"])
+def test_plot_on_synthetic_results(results_dir, tmp_path, metric):
+    plot = _load("plot")
+    out = plot.write_plot(results_dir, tmp_path / "images" / "plot.png", metric)
+    assert out.exists() and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_with_no_results_shows_paper_curves(tmp_path):
+    plot = _load("plot")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    fig = plot.make_figure(plot.load_rows(empty), plot.paper_table(), ["rf"])
+    assert len(fig.axes) == 8  # 4 posterior tasks + 4 random-conditional tasks of the paper
+    assert any("paper (RF)" in text for ax in fig.axes for text in ax.get_legend_handles_labels()[1])
