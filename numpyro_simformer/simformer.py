@@ -270,6 +270,8 @@ class Simformer:
         self.params, self.history = train(
             key_train, loss_fn, params, data, self._data_mask, self.training_config, self.condition_masks,
             progress_bar=self.progress_bar,
+            checkpoint_tag=repr((self.layout.labels, self.network_config, self.sde,
+                                 np.packbits(self.attention_mask).tobytes())),
         )
         self.training_time = _time.perf_counter() - start
         self._fitted = True
@@ -280,6 +282,42 @@ class Simformer:
         )
         self._score_fn = build_score_fn(self._denoiser_fn, self.sde)
         self._sample_fns = {}
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self, path, *, overwrite: bool = False):
+        """Write the fitted Simformer to the directory ``path``: Orbax weights and a JSON record.
+
+        See :mod:`numpyro_simformer.checkpoint` for what is stored; no pickle is used.
+
+        Args:
+            path: the directory to create.
+            overwrite: replace an existing checkpoint at ``path``.
+
+        Returns:
+            The checkpoint's path.
+        """
+        from numpyro_simformer.checkpoint import save_simformer
+
+        self._check_fitted("save")
+        return save_simformer(self, path, overwrite=overwrite)
+
+    @classmethod
+    def load(cls, path, model: Callable, *model_args, **model_kwargs) -> "Simformer":
+        """Rebuild a fitted Simformer from a checkpoint written by :meth:`save` and its model.
+
+        The model is traced once with ``model_args``/``model_kwargs``; its sites must match
+        the checkpoint's. The loaded object gives the same samples for the same key.
+
+        Raises:
+            FileNotFoundError: when ``path`` does not exist.
+            numpyro_simformer.checkpoint.CheckpointError: when the checkpoint is
+                unreadable, truncated or altered.
+            numpyro_simformer.checkpoint.ModelMismatchError: when a site of the model
+                differs from the checkpoint's (the message names it).
+        """
+        from numpyro_simformer.checkpoint import load_simformer
+
+        return load_simformer(path, model, model_args, model_kwargs, cls=cls)
 
     # ------------------------------------------------------------------ querying
     def _check_fitted(self, method: str):

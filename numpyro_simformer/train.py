@@ -20,7 +20,7 @@ import optax
 
 from numpyro_simformer.masks import ConditionMaskDistribution, sample_condition_mask
 
-__all__ = ["TrainingConfig", "TrainState", "TrainingHistory", "build_optimizer", "build_train_fn", "train"]
+__all__ = ["TrainingConfig", "TrainState", "TrainingHistory", "LoopState", "build_optimizer", "build_train_fn", "train"]
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,12 @@ class TrainingConfig:
         steps_per_call: optimiser steps per jitted call.
         max_time: optional wall-clock budget in seconds (makes the run depend on the
             machine's speed; off by default so that a run is a function of its key).
+        checkpoint_dir: optional folder for periodic training checkpoints. When it holds a
+            checkpoint of the same run (same key, simulations and configuration), training
+            resumes from it and ends in the state an uninterrupted run would reach; a
+            checkpoint of a different run is refused. ``None`` (default): no checkpoints.
+        checkpoint_every: steps between checkpoints (rounded up to a multiple of
+            ``steps_per_call``): an interruption loses at most this much work.
     """
 
     batch_size: int = 256
@@ -59,9 +65,11 @@ class TrainingConfig:
     patience: int | None = 8
     steps_per_call: int = 50
     max_time: float | None = None
+    checkpoint_dir: str | None = None
+    checkpoint_every: int = 1_000
 
     def __post_init__(self):
-        for name in ("batch_size", "max_steps", "steps_per_call", "validation_interval"):
+        for name in ("batch_size", "max_steps", "steps_per_call", "validation_interval", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainingConfig.{name} must be a positive integer, got {getattr(self, name)}.")
         if not 0 < self.learning_rate:
@@ -94,6 +102,27 @@ class TrainingHistory(NamedTuple):
     elapsed: np.ndarray
     best_step: int
     stopped_early: bool
+
+
+class LoopState(NamedTuple):
+    """Everything the fit loop carries between jitted calls: what a training checkpoint holds.
+
+    ``calls_done`` is also the loop's position in its key sequence: call ``c`` uses the
+    ``c``-th of ``jax.random.split(key_train, num_calls)``, so a resumed loop draws the
+    keys an uninterrupted one would.
+    """
+
+    train_state: TrainState
+    calls_done: int
+    rows: tuple  # (step, train_loss, validation_loss, elapsed) per validation
+    recent_losses: np.ndarray  # training losses since the last validation
+    best_loss: float
+    best_params: object
+    best_step: int
+    stale: int
+    stopped_early: bool
+    finished: bool
+    elapsed: float
 
 
 def build_optimizer(config: TrainingConfig) -> optax.GradientTransformation:
@@ -152,8 +181,18 @@ def _validation_fn(loss_fn, mask_distribution, data_mask, rng_key, validation_da
 
 
 def train(rng_key, loss_fn, params, data, data_mask, config: TrainingConfig,
-          mask_distribution: ConditionMaskDistribution, *, progress_bar: bool = True):
+          mask_distribution: ConditionMaskDistribution, *, progress_bar: bool = True,
+          checkpoint_tag: str = ""):
     """Train ``params`` on ``data`` (num_simulations, num_tokens) in z-space.
+
+    With ``config.checkpoint_dir`` set, the loop's whole state (:class:`LoopState`) is
+    written every ``config.checkpoint_every`` steps and when training ends, and a later
+    call with the same arguments resumes from the newest checkpoint: the result is the
+    one an uninterrupted call returns.
+
+    Args:
+        checkpoint_tag: a string that identifies everything else the run depends on (the
+            model and network, which ``loss_fn`` hides); part of the run's fingerprint.
 
     Returns:
         ``(best_ema_params, history)``: the EMA weights at the best validation loss (the
@@ -176,49 +215,72 @@ def train(rng_key, loss_fn, params, data, data_mask, config: TrainingConfig,
 
     interval = max(config.validation_interval // config.steps_per_call, 1)
     num_calls = -(-config.max_steps // config.steps_per_call)
-    rows, recent, best = [], [], (np.inf, params, 0)
-    stale, stopped_early = 0, False
+    loop = LoopState(state, 0, (), np.zeros(0, np.float32), np.inf, params, 0, 0, False, False, 0.0)
+    checkpointer = None
+    if config.checkpoint_dir is not None:
+        from numpyro_simformer.checkpoint import TrainingCheckpointer, run_fingerprint
+
+        checkpointer = TrainingCheckpointer(
+            config.checkpoint_dir, run_fingerprint(rng_key, data, data_mask, config, mask_distribution, checkpoint_tag)
+        )
+        loop = checkpointer.restore(loop)
+    checkpoint_calls = -(-config.checkpoint_every // config.steps_per_call)
+    state, rows = loop.train_state, list(loop.rows)
+    recent = [loop.recent_losses] if loop.recent_losses.size else []
+    best, stale, stopped_early = (loop.best_loss, loop.best_params, loop.best_step), loop.stale, loop.stopped_early
+    calls_done = num_calls if loop.finished else loop.calls_done
+
+    def snapshot(finished: bool) -> LoopState:
+        pending = np.concatenate([np.asarray(losses) for losses in recent]) if recent else np.zeros(0, np.float32)
+        return LoopState(state, calls_done, tuple(rows), pending, best[0], best[1], best[2], stale, stopped_early,
+                         finished, elapsed_before + _time.perf_counter() - start)
+
     bar = None
     if progress_bar:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=num_calls * config.steps_per_call, desc="training", unit="step")
-    start = _time.perf_counter()
+        bar = tqdm(total=num_calls * config.steps_per_call, initial=calls_done * config.steps_per_call,
+                   desc="training", unit="step")
+    elapsed_before, start = loop.elapsed, _time.perf_counter()
     call_keys = jax.random.split(key_train, num_calls)
-    for call in range(num_calls):
+    for call in range(calls_done, num_calls):
         state, losses = train_fn(state, call_keys[call], train_data)
+        calls_done = call + 1
         recent.append(losses)
         if bar is not None:
             bar.update(config.steps_per_call)
         last_call = call == num_calls - 1
-        out_of_time = config.max_time is not None and _time.perf_counter() - start > config.max_time
-        if (call + 1) % interval and not last_call and not out_of_time:
-            continue
-        train_loss = float(jnp.mean(jnp.concatenate(recent)))
-        if not np.isfinite(train_loss):
-            raise FloatingPointError(
-                f"The training loss became {train_loss} at step {int(state.step)}. Lower "
-                "`TrainingConfig.learning_rate` or `gradient_clip_norm`, or check the "
-                "simulations for extreme values."
-            )
-        recent = []
-        validation_loss = float(evaluate(state.ema_params)) if evaluate else train_loss
-        step = int(state.step)
-        rows.append((step, train_loss, validation_loss, _time.perf_counter() - start))
-        if validation_loss < best[0]:
-            best, stale = (validation_loss, state.ema_params, step), 0
-        else:
-            stale += 1
-        if bar is not None:
-            bar.set_postfix(loss=f"{train_loss:.4f}", val=f"{validation_loss:.4f}")
-        if evaluate is not None and config.patience is not None and stale >= config.patience:
-            stopped_early = True
-            break
-        if out_of_time:
-            break
+        out_of_time = config.max_time is not None and elapsed_before + _time.perf_counter() - start > config.max_time
+        if (call + 1) % interval == 0 or last_call or out_of_time:
+            train_loss = float(jnp.mean(jnp.concatenate(recent)))
+            if not np.isfinite(train_loss):
+                raise FloatingPointError(
+                    f"The training loss became {train_loss} at step {int(state.step)}. Lower "
+                    "`TrainingConfig.learning_rate` or `gradient_clip_norm`, or check the "
+                    "simulations for extreme values."
+                )
+            recent = []
+            validation_loss = float(evaluate(state.ema_params)) if evaluate else train_loss
+            step = int(state.step)
+            rows.append((step, train_loss, validation_loss, elapsed_before + _time.perf_counter() - start))
+            if validation_loss < best[0]:
+                best, stale = (validation_loss, state.ema_params, step), 0
+            else:
+                stale += 1
+            if bar is not None:
+                bar.set_postfix(loss=f"{train_loss:.4f}", val=f"{validation_loss:.4f}")
+            if evaluate is not None and config.patience is not None and stale >= config.patience:
+                stopped_early = True
+                break
+            if out_of_time:
+                break
+        if checkpointer is not None and calls_done % checkpoint_calls == 0 and calls_done < num_calls:
+            checkpointer.save(snapshot(finished=False))
+    if checkpointer is not None and not loop.finished:
+        checkpointer.save(snapshot(finished=True))
     if bar is not None:
         bar.close()
-    columns = np.array(rows, dtype=np.float64).T
+    columns = np.array(rows, dtype=np.float64).reshape(-1, 4).T
     best_params = best[1] if evaluate is not None else state.ema_params
     history = TrainingHistory(columns[0].astype(int), columns[1], columns[2], columns[3],
                               best[2] if evaluate is not None else int(state.step), stopped_early)
