@@ -35,6 +35,16 @@ def _build_draw_fn(model: Callable, model_args: tuple, model_kwargs: dict, site_
     return draw
 
 
+def _draw_chunk(draw_chunk, chunk_keys, data_parallel):
+    if data_parallel is None:
+        return jax.device_get(draw_chunk(chunk_keys))
+    num = chunk_keys.shape[0]
+    padded = -(-num // data_parallel.num_devices) * data_parallel.num_devices
+    chunk_keys = jnp.concatenate([chunk_keys, jnp.repeat(chunk_keys[:1], padded - num, axis=0)])
+    draws = jax.device_get(draw_chunk(jax.device_put(chunk_keys, data_parallel.batch)))
+    return {name: value[:num] for name, value in draws.items()}
+
+
 def filter_finite(draws: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Keep the simulations whose every site value is finite; return them and the mask."""
     names = list(draws)
@@ -56,6 +66,7 @@ def simulate(
     *,
     chunk_size: int = 10_000,
     progress_bar: bool = False,
+    data_parallel=None,
 ) -> tuple[dict[str, np.ndarray], SimulationInfo]:
     """Draw ``num_simulations`` joint samples of ``site_names`` from ``model``.
 
@@ -71,6 +82,10 @@ def simulate(
         model_args, model_kwargs: passed to the model.
         chunk_size: draws per jitted call (bounds the memory of one call).
         progress_bar: show a tqdm bar over chunks.
+        data_parallel: a :class:`~numpyro_simformer.parallel.DataParallel`: each chunk's
+            keys are sharded over its devices. Every draw depends on its own key alone,
+            so the draws equal unsharded ones; only one chunk is on the devices at a time
+            and the draws are gathered on the host.
 
     Returns:
         ``(draws, info)``: a dict of NumPy arrays with a leading simulation axis (finite
@@ -91,7 +106,7 @@ def simulate(
         chunk_keys = keys[start : start + chunk_size]
         if vectorized:
             try:
-                chunks.append(jax.device_get(draw_chunk(chunk_keys)))
+                chunks.append(_draw_chunk(draw_chunk, chunk_keys, data_parallel))
                 continue
             except (jax.errors.ConcretizationTypeError, jax.errors.TracerBoolConversionError,
                     jax.errors.TracerArrayConversionError, jax.errors.TracerIntegerConversionError):
