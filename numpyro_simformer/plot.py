@@ -11,10 +11,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from numpyro_simformer.plot_diagnostics import plot_coverage, plot_history
+
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
 
-__all__ = ["plot_dependencies"]
+__all__ = ["plot_dependencies", "plot_history", "plot_coverage"]
 
 
 def plot_dependencies(
