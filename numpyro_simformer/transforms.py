@@ -143,8 +143,8 @@ def fit_token_transform(layout: TokenLayout, tokens: np.ndarray, supports=None) 
         labels = [layout.labels[i] for i in bad[:5]]
         warnings.warn(
             f"{int((~finite).sum())} simulations lie on the boundary of their support in "
-            f"unconstrained space (tokens {labels}); they are left out of the z-scoring "
-            "statistics.",
+            f"unconstrained space (tokens {labels}); they are dropped from training and "
+            "counted as invalid in `simulation_info`.",
             stacklevel=2,
         )
         unconstrained = unconstrained[finite]
