@@ -29,3 +29,21 @@ def test_diagnostics_runs(capsys, tmp_path):
     assert {"history.png", "coverage.png", "pit_ecdf.png"} <= {path.name for path in tmp_path.iterdir()}
     out = capsys.readouterr().out
     assert "identical samples: True" in out and "MCMCCheck: C2ST" in out
+
+
+def test_multihost_runs_on_two_forced_devices():
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    result = subprocess.run([sys.executable, str(EXAMPLES / "multihost.py"), "--tiny"], env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 devices on 1 processes" in result.stdout
+
+
+def test_every_example_has_a_test():
+    tested = {name[len("test_"):].split("_runs")[0] for name in globals() if name.startswith("test_") and "_runs" in name}
+    examples = {path.stem for path in EXAMPLES.glob("*.py")}
+    assert examples <= tested, f"examples without a test: {sorted(examples - tested)}"
