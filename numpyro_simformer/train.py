@@ -32,7 +32,11 @@ class TrainingConfig:
     On a GPU raise ``batch_size`` (the reference uses 1000) and ``max_steps``.
 
     Attributes:
-        batch_size: examples per step, drawn with replacement.
+        batch_size: examples per step, drawn with replacement. ``None`` (default) sizes
+            the batch by the number of tokens, ``clip(tokens_per_batch // num_tokens, 64,
+            256)``, so a step costs about the same for 4 tokens as for 20: at a fixed time
+            budget more steps beat bigger batches (measured in the design notes).
+        tokens_per_batch: the token budget of one batch when ``batch_size`` is ``None``.
         max_steps: upper bound on optimiser steps.
         learning_rate: Adam's peak learning rate.
         warmup_steps: linear warm-up at the start.
@@ -58,7 +62,8 @@ class TrainingConfig:
             ``steps_per_call``): an interruption loses at most this much work.
     """
 
-    batch_size: int = 256
+    batch_size: int | None = None
+    tokens_per_batch: int = 1024
     max_steps: int = 20_000
     learning_rate: float = 1e-3
     warmup_steps: int = 200
@@ -75,8 +80,9 @@ class TrainingConfig:
     data_parallel: bool | None = None
 
     def __post_init__(self):
-        for name in ("batch_size", "max_steps", "steps_per_call", "validation_interval", "checkpoint_every"):
-            if getattr(self, name) < 1:
+        for name in ("batch_size", "tokens_per_batch", "max_steps", "steps_per_call", "validation_interval",
+                     "checkpoint_every"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"TrainingConfig.{name} must be a positive integer, got {getattr(self, name)}.")
         if not 0 < self.learning_rate:
             raise ValueError(f"TrainingConfig.learning_rate must be positive, got {self.learning_rate}.")
@@ -88,6 +94,14 @@ class TrainingConfig:
             raise ValueError(f"TrainingConfig.ema_decay must lie in [0, 1), got {self.ema_decay}.")
         if not 0 <= self.decay_fraction <= 1:
             raise ValueError(f"TrainingConfig.decay_fraction must lie in [0, 1], got {self.decay_fraction}.")
+
+
+    def resolved_batch_size(self, num_tokens: int, num_devices: int = 1) -> int:
+        """``batch_size``, or the token-budget default rounded up to a multiple of the devices."""
+        if self.batch_size is not None:
+            return self.batch_size
+        size = int(np.clip(self.tokens_per_batch // max(num_tokens, 1), 64, 256))
+        return -(-size // num_devices) * num_devices
 
 
 class TrainState(NamedTuple):
@@ -218,17 +232,18 @@ def train(rng_key, loss_fn, params, data, data_mask, config: TrainingConfig,
     train_data = jnp.asarray(data[order[num_validation:]])
 
     parallel = resolve_devices(config.data_parallel)
+    batch_size = config.resolved_batch_size(data.shape[1], 1 if parallel is None else parallel.num_devices)
     if parallel is not None:
-        if config.batch_size % parallel.num_devices:
+        if batch_size % parallel.num_devices:
             raise ValueError(
-                f"TrainingConfig.batch_size ({config.batch_size}) must be a multiple of the "
+                f"TrainingConfig.batch_size ({batch_size}) must be a multiple of the "
                 f"{parallel.num_devices} devices for data-parallel training; change it or set "
                 "data_parallel=False."
             )
         params = jax.device_put(params, parallel.replicated)
         train_data = jax.device_put(train_data, parallel.replicated)
     optimizer = build_optimizer(config)
-    train_fn = build_train_fn(loss_fn, optimizer, mask_distribution, data_mask, config.batch_size,
+    train_fn = build_train_fn(loss_fn, optimizer, mask_distribution, data_mask, batch_size,
                               config.ema_decay, config.steps_per_call,
                               None if parallel is None else parallel.batch)
     evaluate = (_validation_fn(loss_fn, mask_distribution, data_mask, key_validation, validation_data)
