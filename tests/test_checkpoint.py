@@ -156,6 +156,7 @@ def test_truncated_metadata(saved, tmp_path):
         Simformer.load(copy, model)
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # Orbax's event loop, after its read error
 def test_truncated_weights(saved, tmp_path):
     copy = _corruptible_copy(saved, tmp_path)
     data_files = [path for path in (copy / "arrays").rglob("*") if path.is_file() and path.parent.name == "d"]
@@ -166,6 +167,7 @@ def test_truncated_weights(saved, tmp_path):
         Simformer.load(copy, model)
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # Orbax's event loop, after its read error
 def test_flipped_bytes_in_weights(saved, tmp_path):
     copy = _corruptible_copy(saved, tmp_path)
     data_files = [path for path in (copy / "arrays").rglob("*") if path.is_file() and path.parent.name == "d"]
