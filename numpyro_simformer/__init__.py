@@ -9,7 +9,8 @@ __version__ = "0.1.0"
 
 from numpyro_simformer.masks import ConditionMaskDistribution
 from numpyro_simformer.nn import NetworkConfig
-from numpyro_simformer.samplers import EulerMaruyama
+from numpyro_simformer.density import ProbabilityFlowLogDensity
+from numpyro_simformer.samplers import EDMHeun, EulerMaruyama, GuidedEulerMaruyama, ProbabilityFlowODE
 from numpyro_simformer.sde import VESDE, VPSDE
 from numpyro_simformer.simformer import Simformer
 from numpyro_simformer.train import TrainingConfig
@@ -21,6 +22,10 @@ __all__ = [
     "TrainingConfig",
     "ConditionMaskDistribution",
     "EulerMaruyama",
+    "ProbabilityFlowODE",
+    "EDMHeun",
+    "GuidedEulerMaruyama",
+    "ProbabilityFlowLogDensity",
     "VESDE",
     "VPSDE",
 ]
