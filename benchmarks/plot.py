@@ -85,9 +85,9 @@ def make_figure(rows: list[dict], paper: dict, metrics: list[str]):
                         continue
                     attention = paper_key[1]
                     budgets = sorted(curve)
-                    ax.plot(budgets, [curve[b] for b in budgets], ls="--", lw=1.2,
-                            color=COLORS.get(f"simformer {attention}", "gray"), alpha=0.8,
-                            label=f"paper (RF) {attention}")
+                    dashes = (0, (4, 2)) if attention == "dense" else (0, (1, 1.5))
+                    ax.plot(budgets, [curve[b] for b in budgets], ls=dashes, lw=1.4, alpha=0.8,
+                            color=COLORS.get(f"simformer {attention}", "gray"), label=f"paper (RF) {attention}")
             ax.axhline(0.5, color="black", lw=0.6, alpha=0.4)
             ax.set_xscale("log")
             ax.set_ylim(0.45, 1.02)
@@ -98,7 +98,7 @@ def make_figure(rows: list[dict], paper: dict, metrics: list[str]):
             if col == 0:
                 ax.set_ylabel(ylabel)
             if ax.get_legend_handles_labels()[0]:
-                ax.legend(fontsize=7, loc="upper right")
+                ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     return fig
 

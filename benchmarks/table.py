@@ -37,7 +37,8 @@ def load_rows(results_dir: Path) -> list[dict]:
     """All rows of all CSVs under ``results_dir``, each with ``source``, ``method``, ``label``, ``kind``.
 
     ``method`` is "npe" for NPE rows and "simformer" for run.py's rows; ``label`` adds the
-    attention kind ("simformer dense"); ``kind`` is "posterior" or "random" (the queries).
+    attention kind ("simformer dense") and a ``sampler`` column where a file has one;
+    ``kind`` is "posterior" or "random" (the queries).
     """
     rows = []
     for path in sorted(Path(results_dir).glob("*.csv")):
@@ -49,6 +50,8 @@ def load_rows(results_dir: Path) -> list[dict]:
                 row["method"] = row.get("method") or "simformer"
                 attention = row.get("attention") or ""
                 row["label"] = f"{row['method']} {attention}".strip() if row["method"] == "simformer" else row["method"]
+                if row.get("sampler"):  # a results file comparing samplers: keep them apart
+                    row["label"] += f" {row['sampler']}"
                 row["kind"] = "random" if str(row.get("query", "")).startswith("random") else "posterior"
                 row["num_simulations"] = int(row["num_simulations"])
                 rows.append(row)
@@ -107,7 +110,7 @@ def build_table(rows: list[dict], paper: dict) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for (kind, task, budget, label, source), group in sorted(grouped.items()):
-        attention = label.split(" ", 1)[1] if label.startswith("simformer ") else ""
+        attention = group[0].get("attention", "") if group[0]["method"] == "simformer" else ""
         paper_rf = paper_value(paper, kind, task, attention, budget) if attention else None
         npe_group = npe.get((kind, task, budget), []) if label != "npe" else []
         lines.append(
