@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Regenerate every benchmark result, the combined table and the plot.
+#
+#   bash benchmarks/all.sh            # hours on a 2-core CPU; resumable (finished runs are skipped)
+#
+# Needs the benchmarks extra (flowjax): pip install -e ".[benchmarks]". PYTHON overrides the
+# interpreter. Results go to benchmarks/results/*.csv (+ .md beside each), the table to
+# docs/benchmarks-table.md and the plot to docs/images/benchmarks.png.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python}
+BUDGETS=${BUDGETS:-"1000 10000"}
+
+# Simformer posteriors on sbibm's observations 1-3, both attention kinds. The exact (sbibm)
+# MLP C2ST for the 2-d and 5-d posteriors; the early-stopped MLP for the 10-d linear Gaussian.
+$PY benchmarks/run.py --name posterior --tasks gaussian_mixture two_moons slcp --budgets $BUDGETS \
+    --attention dense undirected --observations 1 2 3
+$PY benchmarks/run.py --name posterior --tasks linear_gaussian --budgets $BUDGETS \
+    --attention dense undirected --observations 1 2 3 --mlp-early-stopping
+
+# Simformer on 20 random conditionals (the paper's mixture of joint, posterior, likelihood and
+# Bernoulli masks) of the structured tasks, with their exact grid references.
+$PY benchmarks/run.py --name random --tasks tree hmm --budgets $BUDGETS --attention undirected \
+    --conditionals random --num-conditionals 20 --mlp-early-stopping
+
+# NPE baseline (flowjax MAF, sbi defaults) on the same tasks, budgets and observations.
+$PY benchmarks/npe.py --name npe --tasks linear_gaussian gaussian_mixture two_moons slcp --budgets $BUDGETS \
+    --observations 1 2 3 --mlp-early-stopping-min-dim 8
+
+$PY benchmarks/table.py
+$PY benchmarks/plot.py
