@@ -29,8 +29,9 @@ from numpyro_simformer.layout import TokenLayout
 from numpyro_simformer.loss import build_batch_loss_fn
 from numpyro_simformer.masks import ConditionMaskDistribution
 from numpyro_simformer.nn import NetworkConfig, SimformerNetwork, build_denoiser_fn
-from numpyro_simformer.query import observed_tokens, to_z_checked
-from numpyro_simformer.samplers import EulerMaruyama, build_score_fn
+from numpyro_simformer.query import batched_observed_tokens, interval_bounds, observed_tokens, to_z_checked
+from numpyro_simformer.samplers import EulerMaruyama, GuidedEulerMaruyama, build_score_fn
+from numpyro_simformer.samplers.guidance import GaussianIntervalGuidance, IntervalBounds, build_interval_score_fn
 from numpyro_simformer.sde import VESDE
 from numpyro_simformer.simulate import SimulationInfo, filter_finite, simulate
 from numpyro_simformer.sites import read_sites, trace_model
@@ -282,6 +283,7 @@ class Simformer:
         )
         self._score_fn = build_score_fn(self._denoiser_fn, self.sde)
         self._sample_fns = {}
+        self._log_prob_fns = {}
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, path, *, overwrite: bool = False):
@@ -324,74 +326,228 @@ class Simformer:
         if not self._fitted:
             raise RuntimeError(f"`{method}` needs a fitted Simformer: call `fit(rng_key, ...)` first.")
 
-    def _sample_fn(self, sampler, chunk: int):
-        key = (sampler, chunk)
+    def _sample_fn(self, sampler, chunk: int, guidance=None, batched: bool = False):
+        """Jitted ``fn(rng_key, params, values, mask)``; ``batched``: vmapped over observations
+        (keys, values, mask); with ``guidance``, ``params`` is ``(params, IntervalBounds)``."""
+        key = (sampler, chunk, guidance, batched)
         if key not in self._sample_fns:
-            sample_fn = sampler.build(self._score_fn, self.sde)
-            self._sample_fns[key] = jax.jit(
-                lambda rng_key, params, values, mask: sample_fn(rng_key, params, values, mask, chunk)
-            )
+            score_fn = self._score_fn
+            if guidance is not None:
+                score_fn = build_interval_score_fn(score_fn, self.sde, guidance)
+            sample_fn = sampler.build(score_fn, self.sde)
+
+            def one(rng_key, params, values, mask):
+                return sample_fn(rng_key, params, values, mask, chunk)
+
+            self._sample_fns[key] = jax.jit(jax.vmap(one, in_axes=(0, None, 0, 0)) if batched else one)
         return self._sample_fns[key]
 
     def sample(self, rng_key, *, observed: Mapping | None = None, num_samples: int, sampler=None,
-               batch_size: int = 2_000):
-        """Draw from any conditional of the model: ``p(latent sites | observed)``.
+               intervals: Mapping | None = None, guidance=None, batch_size: int = 2_000):
+        """Draw from any conditional of the model: ``p(latent sites | observed, intervals)``.
 
         Args:
             rng_key: a JAX PRNG key; the same key gives the same samples.
             observed: ``{site: array}`` for any subset of the token sites, each of the
-                site's shape; NaN elements are inferred. Empty or ``None``: the joint.
-            num_samples: number of draws.
-            sampler: overrides the default sampler.
-            batch_size: samples per jitted call (bounds memory).
+                site's shape; NaN elements are inferred. Empty or ``None``: the joint. A
+                batch of observations: give sites a leading axis,
+                ``(num_observations, *site shape)`` (sites without it are shared by all).
+            num_samples: number of draws (per observation).
+            sampler: overrides the default sampler (``self.sampler``; for interval queries
+                :class:`~numpyro_simformer.samplers.GuidedEulerMaruyama`).
+            intervals: ``{site: (low, high)}``, conditions ``low <= x <= high`` by guided
+                diffusion; ``low``/``high`` scalars or arrays of the site's shape, ``None``
+                or infinite for an open side. Constrained elements are inferred; they must
+                not also be observed exactly. See ``docs/intervals.md``.
+            guidance: how intervals steer the score:
+                :class:`~numpyro_simformer.samplers.guidance.GaussianIntervalGuidance`
+                (default) or ``SigmoidIntervalGuidance`` (the paper's).
+            batch_size: samples per jitted call (bounds memory). Observations of a batch
+                are vmapped together, ``batch_size // min(batch_size, num_samples)`` per call.
 
         Returns:
             An ``xarray.DataTree`` with groups ``posterior`` (inferred sites with children),
             ``posterior_predictive`` (inferred sites without children) and
-            ``observed_data``; dims ``(chain, draw, *site dims)``.
+            ``observed_data`` (with ``{site}_lower``/``{site}_upper`` for intervals); dims
+            ``(chain, draw, *site dims)``, or ``(chain, draw, observation, *site dims)``
+            for a batch of observations. Observation ``i`` of a batch equals the unbatched
+            query with key ``jax.random.fold_in(rng_key, i)``.
         """
         if not isinstance(num_samples, (int, np.integer)) or num_samples <= 0:
             raise ValueError(f"`num_samples` must be a positive integer, got {num_samples!r}.")
         if not isinstance(batch_size, (int, np.integer)) or batch_size <= 0:
             raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
         self._check_fitted("sample")
-        values, condition_mask = observed_tokens(self.layout, observed, excluded_sites=self.exclude_sites)
-        sampler = self.sampler if sampler is None else sampler
+        values, condition_mask, num_observations = batched_observed_tokens(
+            self.layout, observed, excluded_sites=self.exclude_sites
+        )
+        bounds = interval_bounds(self.layout, self.transform, intervals, condition_mask,
+                                 excluded_sites=self.exclude_sites)
+        if sampler is None:
+            sampler = self.sampler if bounds is None else GuidedEulerMaruyama()
+        params = self.params
+        if bounds is not None:
+            params = (params, IntervalBounds(jnp.asarray(bounds.z_lower), jnp.asarray(bounds.z_upper)))
         z_observed = to_z_checked(self.layout, self.transform, values, condition_mask)
-        z = self._sample_z(rng_key, sampler, z_observed, condition_mask, num_samples, batch_size)
+        if guidance is not None and bounds is None:
+            raise ValueError("`guidance` steers interval conditions: pass `intervals=` with it, or leave it out.")
+        if bounds is not None and guidance is None:
+            guidance = GaussianIntervalGuidance()
+        options = dict(params=params, guidance=guidance if bounds is not None else None)
+        if num_observations is None:
+            z = self._sample_z(rng_key, sampler, z_observed[0], condition_mask[0], num_samples, batch_size, **options)
+            z = z[:, None]  # (draw, observation, token)
+        else:
+            z = self._sample_z_batched(rng_key, sampler, z_observed, condition_mask, num_samples, batch_size, **options)
+            z = jnp.swapaxes(z, 0, 1)
         tokens = np.asarray(jax.jit(self.transform.from_z)(z), dtype=np.float64)
         tokens = np.where(condition_mask, values, tokens)
-        return self._to_datatree(tokens[None], observed or {}, condition_mask, sampler)
+        if num_observations is None:
+            tokens, values = tokens[:, 0], values[0]
+        observed_names = [] if observed is None else list(observed)
+        tree = self._to_datatree(tokens[None], observed_names, values, condition_mask, sampler,
+                                 batched=num_observations is not None, intervals=bounds)
+        if bounds is not None:
+            tree.attrs["guidance"] = repr(guidance)
+        return tree
 
-    def _sample_z(self, rng_key, sampler, z_observed, condition_mask, num_samples, batch_size):
+    def log_prob(self, values: Mapping, *, observed: Mapping | None = None, rng_key=None, density=None,
+                 batch_size: int = 1_000) -> np.ndarray:
+        """Log density of any conditional, ``log p(values | observed)``, in the user's space.
+
+        Integrates the probability-flow ODE with its divergence and adds the Jacobians of the
+        unconstrained transform and the z-scoring (:mod:`numpyro_simformer.density`).
+
+        Args:
+            values: ``{site: array (num_points, *site shape)}`` for every site with an
+                unobserved element (elements that are observed are ignored).
+            observed: ``{site: array}`` as in :meth:`sample` (one observation; NaN = latent).
+            rng_key: needed only for Hutchinson's estimator (more latent tokens than
+                ``density.exact_trace_max_dim``).
+            density: a :class:`~numpyro_simformer.density.ProbabilityFlowLogDensity`.
+            batch_size: points per jitted call.
+
+        Returns:
+            float64 array (num_points,): the log density at each point (``-inf`` outside the
+            support). Example: ``sf.log_prob({"theta": thetas}, observed={"x": x_o})``.
+        """
+        from numpyro_simformer.density import ProbabilityFlowLogDensity, conditional_log_prob, points_to_tokens
+
+        self._check_fitted("log_prob")
+        density = ProbabilityFlowLogDensity() if density is None else density
+        if not isinstance(density, ProbabilityFlowLogDensity):
+            raise TypeError(f"`density` must be a ProbabilityFlowLogDensity, got {type(density).__name__}.")
+        if not isinstance(batch_size, (int, np.integer)) or batch_size <= 0:
+            raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
+        observed_values, condition_mask = observed_tokens(self.layout, observed, excluded_sites=self.exclude_sites)
+        to_z_checked(self.layout, self.transform, observed_values, condition_mask)  # observed in support
+        tokens = points_to_tokens(self.layout, values, observed_values, condition_mask)
+        if density not in self._log_prob_fns:
+            self._log_prob_fns[density] = jax.jit(density.build(self._score_fn, self.sde), static_argnames="exact")
+        return conditional_log_prob(
+            rng_key, self._log_prob_fns[density], self.params, self.transform, tokens, condition_mask,
+            exact_trace_max_dim=density.exact_trace_max_dim, num_probes=density.num_probes, batch_size=batch_size,
+        )
+
+    def _sample_z(self, rng_key, sampler, z_observed, condition_mask, num_samples, batch_size, *,
+                  params=None, guidance=None):
+        """(num_samples, num_tokens) in z-space for one observation."""
         chunk = min(batch_size, num_samples)
         num_chunks = -(-num_samples // chunk)
-        sample_fn = self._sample_fn(sampler, chunk)
+        sample_fn = self._sample_fn(sampler, chunk, guidance)
+        params = self.params if params is None else params
         keys = jax.random.split(rng_key, num_chunks)
         parts = [
-            sample_fn(key, self.params, jnp.asarray(z_observed), jnp.asarray(condition_mask)) for key in keys
+            sample_fn(key, params, jnp.asarray(z_observed), jnp.asarray(condition_mask)) for key in keys
         ]
         return jnp.concatenate(parts)[:num_samples]
 
-    def _to_datatree(self, tokens, observed, condition_mask, sampler):
+    def _sample_z_batched(self, rng_key, sampler, z_observed, condition_mask, num_samples, batch_size, *,
+                          params=None, guidance=None):
+        """(num_observations, num_samples, num_tokens), vmapped over observations.
+
+        Observation i draws with ``fold_in(rng_key, i)``, split into chunk keys exactly as
+        :meth:`_sample_z` splits its key, so it equals the unbatched query with that key.
+        """
+        chunk = min(batch_size, num_samples)
+        num_chunks = -(-num_samples // chunk)
+        num_observations = z_observed.shape[0]
+        group = min(num_observations, max(1, batch_size // chunk))
+        sample_fn = self._sample_fn(sampler, chunk, guidance, batched=True)
+        params = self.params if params is None else params
+        keys = jnp.stack([jax.random.split(jax.random.fold_in(rng_key, index), num_chunks)
+                          for index in range(num_observations)])
+        padded = -(-num_observations // group) * group
+        pad = lambda array: np.concatenate([array, np.repeat(array[-1:], padded - num_observations, axis=0)])
+        keys, z_observed, condition_mask = jnp.concatenate([keys, jnp.repeat(keys[-1:], padded - num_observations, 0)]), \
+            pad(np.asarray(z_observed)), pad(np.asarray(condition_mask))
+        results = []
+        for start in range(0, padded, group):
+            rows = slice(start, start + group)
+            parts = [
+                sample_fn(keys[rows, index], params, jnp.asarray(z_observed[rows]), jnp.asarray(condition_mask[rows]))
+                for index in range(num_chunks)
+            ]
+            results.append(jnp.concatenate(parts, axis=1)[:, :num_samples])
+        return jnp.concatenate(results)[:num_observations]
+
+    def _to_datatree(self, tokens, observed_names, observed_values, condition_mask, sampler, *,
+                     batched: bool = False, intervals=None):
+        """``tokens``: (chain, draw, [observation,] num_tokens); ``observed_values``:
+        ([observation,] num_tokens) with NaN where latent; ``condition_mask`` (..., num_tokens)."""
         site_values = self.layout.unflatten(tokens)
         slices = self.layout.slices()
-        inferred = [site for site in self.layout.sites if not condition_mask[slices[site.name]].all()]
+        condition_mask = np.reshape(condition_mask, (-1, self.layout.num_tokens))
+        inferred = [site for site in self.layout.sites if not condition_mask[:, slices[site.name]].all()]
         samples = {}
         for site in inferred:
             value = np.asarray(site_values[site.name])
             samples[site.name] = value.astype(np.int64) if site.is_discrete else value
-        observed_data = {name: np.asarray(value, dtype=np.float64) for name, value in observed.items()}
-        return to_datatree(
+        observed_sites = self.layout.unflatten(np.asarray(observed_values, dtype=np.float64))
+        observed_data = {name: observed_sites[name] for name in observed_names}
+        extra_dims = ("observation",) if batched else ()
+        attrs = {
+            "inference_library": "numpyro_simformer",
+            "inference_library_version": __version__,
+            "sampler": repr(sampler),
+            "num_simulations": int(self.simulation_info.num_valid),
+        }
+        if intervals is not None:
+            attrs["interval_sites"] = [name for name in self.layout.site_names
+                                       if intervals.interval_mask[slices[name]].any()]
+            for name in attrs["interval_sites"]:
+                site = self.layout.site(name)
+                for side, bound in (("lower", intervals.lower), ("upper", intervals.upper)):
+                    value = bound[slices[name]].reshape(site.shape)
+                    observed_data[f"{name}_{side}"] = np.broadcast_to(value, tokens.shape[2:-1] + site.shape)
+        tree = to_datatree(
             self.layout,
             samples,
-            observed_data,
+            {name: value for name, value in observed_data.items() if name in slices},
             [site.name for site in inferred if self._has_children[site.name]],
             [site.name for site in inferred if not self._has_children[site.name]],
-            attrs={
-                "inference_library": "numpyro_simformer",
-                "inference_library_version": __version__,
-                "sampler": repr(sampler),
-                "num_simulations": int(self.simulation_info.num_valid),
-            },
+            attrs=attrs,
+            extra_dims=extra_dims,
         )
+        return _add_bounds(tree, self.layout, observed_data, extra_dims)
+
+
+def _add_bounds(tree, layout, observed_data, extra_dims):
+    """Put the interval bounds (``{site}_lower``, ``{site}_upper``) into ``observed_data``."""
+    import xarray as xr
+
+    names = {site.name for site in layout.sites}
+    bounds = {}
+    for name, value in observed_data.items():
+        if name in names:
+            continue
+        site = layout.site(name.rsplit("_", 1)[0])
+        bounds[name] = xr.DataArray(np.asarray(value, dtype=np.float64), dims=[*extra_dims, *site.dims])
+    if not bounds:
+        return tree
+    if "observed_data" in tree.children:
+        dataset = tree["observed_data"].to_dataset().assign(bounds)
+    else:
+        dataset = xr.Dataset(bounds)
+    tree["observed_data"] = dataset
+    return tree
