@@ -19,6 +19,10 @@ biased one at one end. Ties (discrete sites) are broken at random.
   conditional. ``plot_ecdf_pit(tree,
   group="tarp")`` plots it.
 
+A Simformer answers all ``num_simulations`` queries in one batched call
+(``sf.sample`` with a leading observation axis); any other posterior is a function called
+once per simulation.
+
 :func:`coverage` turns it into expected coverage (the share of true values inside the
 central credible interval of each level), :func:`uniformity_test` into p-values, and
 :func:`rank_uniformity_pvalue` tests raw ranks with a chi-square test.
@@ -90,19 +94,19 @@ def _choose_sites(posterior, sites, observed_sites, target_sites):
     return observed_sites, target_sites
 
 
-def _simformer_posterior_fn(sf, target_sites) -> PosteriorFn:
-    """``sf.sample`` as a posterior function over the target sites (one query per call)."""
+def _simformer_draws(sf, rng_key, observed: Mapping[str, np.ndarray], target_sites, num_samples: int):
+    """All conditional draws of a Simformer in one batched query: ``{site: (n, L, *shape)}``.
 
-    def posterior_fn(rng_key, observed, num_samples):
-        tree = sf.sample(rng_key, observed=dict(observed), num_samples=num_samples)
-        out = {}
-        for name in target_sites:
-            group = "posterior" if "posterior" in tree.children and name in tree["posterior"].data_vars else "posterior_predictive"
-            value = np.asarray(tree[group][name].values)
-            out[name] = value.reshape((-1,) + value.shape[2:])
-        return out
-
-    return posterior_fn
+    ``observed`` holds ``(n, *site shape)`` per site; observation ``i`` is answered as the
+    single query with key ``jax.random.fold_in(rng_key, i)`` would be.
+    """
+    tree = sf.sample(rng_key, observed=dict(observed), num_samples=num_samples)
+    out = {}
+    for name in target_sites:
+        group = "posterior" if "posterior" in tree.children and name in tree["posterior"].data_vars else "posterior_predictive"
+        value = np.asarray(tree[group][name].transpose("observation", "chain", "draw", ...).values)
+        out[name] = value.reshape((value.shape[0], -1) + value.shape[3:])
+    return out
 
 
 def _ranks(draws: np.ndarray, truth: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -154,7 +158,8 @@ def sbc(
         observed_sites: the sites conditioned on. Default for a Simformer: its data
             sites (sites without children), i.e. the posterior; required with a function.
         target_sites: the sites whose calibration is tested; default all other sites.
-        progress_bar: a tqdm bar over simulations.
+        progress_bar: a tqdm bar over the simulations of a posterior function (a
+            Simformer answers all of them in one batched query).
 
     Returns:
         An ``xarray.DataTree`` with groups ``prior_sbc`` (PIT values), ``sbc_ranks`` and
@@ -183,7 +188,6 @@ def sbc(
         raise TypeError(f"sbc: `posterior` must be a Simformer or a function, got {type(posterior).__name__}.")
     model, sites = _sites_of(posterior, model, model_args, model_kwargs)
     observed_sites, target_sites = _choose_sites(posterior, sites, observed_sites, target_sites)
-    posterior_fn = _simformer_posterior_fn(posterior, target_sites) if _is_simformer(posterior) else posterior
 
     key_simulate, key_posterior, key_ranks = jax.random.split(rng_key, 3)
     draws, info = simulate(key_simulate, model, num_simulations, observed_sites + target_sites, model_args, model_kwargs)
@@ -193,14 +197,21 @@ def sbc(
     rng = np.random.default_rng(np.asarray(jax.random.key_data(key_ranks)).ravel())
     ranks = {name: np.zeros((num_valid,) + sites[name].shape, np.int64) for name in target_sites}
     flat_draws = np.zeros((num_valid, num_samples, sum(sites[name].size for name in target_sites)))
+    batched = None
+    if _is_simformer(posterior):  # one batched query for every simulation
+        batched = _simformer_draws(posterior, key_posterior, {name: draws[name] for name in observed_sites},
+                                   target_sites, num_samples)
     indices = range(num_valid)
-    if progress_bar:
+    if progress_bar and batched is None:
         from tqdm.auto import tqdm
 
         indices = tqdm(indices, desc="sbc", unit="simulation")
     for index in indices:
-        observed = {name: np.asarray(draws[name][index]) for name in observed_sites}
-        samples = posterior_fn(jax.random.fold_in(key_posterior, index), observed, num_samples)
+        if batched is None:
+            observed = {name: np.asarray(draws[name][index]) for name in observed_sites}
+            samples = posterior(jax.random.fold_in(key_posterior, index), observed, num_samples)
+        else:
+            samples = {name: value[index] for name, value in batched.items()}
         parts = []
         for name in target_sites:
             value = np.asarray(samples[name], dtype=np.float64)
