@@ -68,7 +68,8 @@ class Simformer:
         data_sites: the sites treated as data by the posterior/likelihood training masks
             (default: sites without children in the graph).
         simulation_chunk_size: draws per jitted simulation call.
-        progress_bar: show progress bars for simulation and training.
+        progress_bar: show progress bars for simulation, training (loss, steps/s, time
+            left) and sampling (when a query takes several jitted calls).
     """
 
     def __init__(
@@ -457,10 +458,23 @@ class Simformer:
         sample_fn = self._sample_fn(sampler, chunk, guidance)
         params = self.params if params is None else params
         keys = jax.random.split(rng_key, num_chunks)
-        parts = [
-            sample_fn(key, params, jnp.asarray(z_observed), jnp.asarray(condition_mask)) for key in keys
-        ]
+        bar, parts = self._sampling_bar(num_chunks), []
+        for key in keys:
+            parts.append(sample_fn(key, params, jnp.asarray(z_observed), jnp.asarray(condition_mask)))
+            if bar is not None:
+                jax.block_until_ready(parts[-1])
+                bar.update()
+        if bar is not None:
+            bar.close()
         return jnp.concatenate(parts)[:num_samples]
+
+    def _sampling_bar(self, num_calls: int):
+        """A tqdm bar over jitted sampling calls, when ``progress_bar`` is on and there are several."""
+        if not self.progress_bar or num_calls < 2:
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=num_calls, desc="sampling", unit="call")
 
     def _sample_z_batched(self, rng_key, sampler, z_observed, condition_mask, num_samples, batch_size, *,
                           params=None, guidance=None):
@@ -481,7 +495,7 @@ class Simformer:
         pad = lambda array: np.concatenate([array, np.repeat(array[-1:], padded - num_observations, axis=0)])
         keys, z_observed, condition_mask = jnp.concatenate([keys, jnp.repeat(keys[-1:], padded - num_observations, 0)]), \
             pad(np.asarray(z_observed)), pad(np.asarray(condition_mask))
-        results = []
+        results, bar = [], self._sampling_bar(padded // group)
         for start in range(0, padded, group):
             rows = slice(start, start + group)
             parts = [
@@ -489,6 +503,11 @@ class Simformer:
                 for index in range(num_chunks)
             ]
             results.append(jnp.concatenate(parts, axis=1)[:, :num_samples])
+            if bar is not None:
+                jax.block_until_ready(results[-1])
+                bar.update()
+        if bar is not None:
+            bar.close()
         return jnp.concatenate(results)[:num_observations]
 
     def _to_datatree(self, tokens, observed_names, observed_values, condition_mask, sampler, *,
