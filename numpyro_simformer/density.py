@@ -7,9 +7,9 @@ continuous normalising flows, Chen et al. 2018). Integrating from ``t_min`` to 1
 
     log p_0(x_0) = log p_1(x_1) + integral_{t_min}^{1} div F(x_t, t) dt,
 
-with ``p_1`` the SDE's Gaussian prior. For a conditional, only the latent tokens move and
-count: observed tokens are clamped inputs of the network, ``F`` is zero on them, and the
-divergence sums over latent tokens. It is the trace of the Jacobian ``dF/dx``, written as
+with ``p_1`` the density at t = 1, nearly Gaussian (:func:`terminal_log_prob`). For a
+conditional, only the latent tokens move and count: observed tokens are clamped inputs of
+the network, ``F`` is zero on them, and the divergence sums over latent tokens. It is the trace of the Jacobian ``dF/dx``, written as
 ``sum_v v^T (dF/dx) v`` over probe vectors ``v``: the latent unit vectors give the exact
 trace (one Jacobian-vector product each, sharing one linearisation), Rademacher vectors
 give Hutchinson's unbiased estimate ``E[v^T J v] = tr J``, used beyond
@@ -45,20 +45,12 @@ from numpyro_simformer.samplers.ode import probability_flow_drift
 
 __all__ = [
     "ProbabilityFlowLogDensity",
-    "prior_log_prob",
     "terminal_log_prob",
     "latent_log_abs_det_jacobian",
     "trace_probes",
     "points_to_tokens",
     "conditional_log_prob",
 ]
-
-
-def prior_log_prob(sde, z, condition_mask):
-    """``log N(z; 0, prior_std^2)`` summed over latent tokens: (..., num_tokens) -> (...)."""
-    std = sde.prior_std()
-    log_density = -0.5 * (z / std) ** 2 - jnp.log(std) - 0.5 * math.log(2 * math.pi)
-    return jnp.sum(jnp.where(condition_mask, 0.0, log_density), axis=-1)
 
 
 def terminal_log_prob(sde, score, condition_mask):

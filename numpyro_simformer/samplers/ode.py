@@ -22,7 +22,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import diffrax
-import jax
 import jax.numpy as jnp
 
 from numpyro_simformer.samplers.euler_maruyama import initial_latent, tweedie_denoise
