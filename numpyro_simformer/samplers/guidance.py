@@ -18,7 +18,8 @@ taken through the network (``x0_hat`` is held fixed). Two choices of ``c``:
   (``g^2 dt k``, about 0.2-0.4 z-units per step at 50-100 steps) whatever its distance,
   which overshoots into the middle of a narrow box. Measured on a conjugate Gaussian
   (``tests/test_queries.py``'s query, C2ST against rejection sampling, 2,000 samples):
-  0.61-0.65 for the sigmoid against 0.51 for the Gaussian, both with 5 resampling steps.
+  0.60-0.65 for the sigmoid against 0.52-0.53 for the Gaussian, both with 5 resampling
+  steps (``docs/intervals.md``).
 
 Open sides (``a = -inf`` or ``b = inf``) contribute nothing. The guided score has the
 usual ``score_fn`` signature with ``params`` replaced by ``(params, IntervalBounds)``, so
