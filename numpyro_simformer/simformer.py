@@ -28,6 +28,7 @@ from numpyro_simformer.convert import to_datatree
 from numpyro_simformer.layout import TokenLayout
 from numpyro_simformer.loss import build_batch_loss_fn
 from numpyro_simformer.masks import ConditionMaskDistribution
+from numpyro_simformer.parallel import resolve_devices
 from numpyro_simformer.nn import NetworkConfig, SimformerNetwork, build_denoiser_fn
 from numpyro_simformer.query import batched_observed_tokens, interval_bounds, observed_tokens, to_z_checked
 from numpyro_simformer.samplers import EulerMaruyama, GuidedEulerMaruyama, build_score_fn
@@ -205,6 +206,7 @@ class Simformer:
         draws, info = simulate(
             key_simulate, self.model, self.num_simulations, self.layout.site_names, model_args, model_kwargs,
             chunk_size=self.simulation_chunk_size, progress_bar=self.progress_bar,
+            data_parallel=resolve_devices(self.training_config.data_parallel),
         )
         self.simulation_time = _time.perf_counter() - start
         self._fit_draws(key_train, draws, info)
@@ -261,6 +263,9 @@ class Simformer:
         data = np.asarray(jax.jit(self.transform.to_z)(tokens))
         finite = np.all(np.isfinite(data), axis=1)
         data = data[finite]
+        if not finite.all():  # on a support's boundary: counted as invalid (transforms.py warns)
+            self.simulation_info = info._replace(num_valid=int(finite.sum()),
+                                                 num_invalid=info.num_invalid + int((~finite).sum()))
         key_init, key_train = jax.random.split(rng_key)
         network = SimformerNetwork(self.layout.num_nodes, self.network_config,
                                    rngs=nnx.Rngs(params=key_init))
