@@ -142,21 +142,23 @@ def write_markdown(csv_path: Path, conditionals: str) -> Path:
     for row in rows:
         groups.setdefault((row["task"], int(row["num_simulations"]), row["attention"]), []).append(row)
     lines = [
-        f"| task | simulations | attention | C2ST MLP (sbibm) | C2ST RF | paper (RF) | queries | "
-        "training s | steps | sampling s / query | peak RSS MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| task | simulations | attention | C2ST MLP (sbibm) | MLP early-stopped | C2ST RF | paper (RF) | "
+        "C2ST samples per side | queries | training s | steps | sampling s / query | peak RSS MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for (task, budget, attention), group in sorted(groups.items()):
         mean = lambda key: np.mean([float(r[key]) for r in group if r[key] != ""]) if any(r[key] != "" for r in group) else float("nan")
         paper_key = (task, attention, "random") if conditionals == "random" else (task, attention)
         paper = PAPER.get(paper_key, {}).get(budget)
         lines.append(
-            f"| {task} | {budget:,} | {attention} | {mean('c2st_mlp'):.3f} | {mean('c2st_rf'):.3f} | "
-            f"{'' if paper is None else f'{paper:.3f}'} | {len(group)} | {mean('training_s'):.0f} | "
+            f"| {task} | {budget:,} | {attention} | {mean('c2st_mlp'):.3f} | "
+            f"{group[0].get('mlp_early_stopping', '')} | {mean('c2st_rf'):.3f} | "
+            f"{'' if paper is None else f'{paper:.3f}'} | {group[0]['num_c2st_samples']} | {len(group)} | "
+            f"{mean('training_s'):.0f} | "
             f"{mean('steps'):.0f} | {mean('sampling_s'):.1f} | {mean('peak_rss_mib'):.0f} |"
         )
     machine_line = rows[0]["machine"] if rows else machine()
-    lines += ["", f"Machine: {machine_line}. C2ST on {rows[0]['num_c2st_samples'] if rows else '?'} samples per side."]
+    lines += ["", f"Machine: {machine_line} (shared with other jobs while these ran: times are upper bounds)."]
     out = csv_path.with_suffix(".md")
     out.write_text("\n".join(lines) + "\n")
     return out
