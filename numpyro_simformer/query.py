@@ -17,6 +17,18 @@ from numpyro_simformer.layout import TokenLayout
 __all__ = ["observed_tokens", "batched_observed_tokens", "to_z_checked", "IntervalQuery", "interval_bounds"]
 
 
+def _check_token_site(layout: TokenLayout, name, argument: str, verb: str, excluded_sites=()) -> None:
+    """Raise a ValueError naming ``name`` when it is not a token site."""
+    if name in layout.site_names:
+        return
+    hint = (
+        f" {name!r} was excluded from the tokens (`exclude_sites`), so it cannot be {verb}."
+        if name in excluded_sites
+        else ""
+    )
+    raise ValueError(f"{argument} names an unknown site {name!r}.{hint} The token sites are {layout.site_names}.")
+
+
 def _as_float_array(name: str, value) -> np.ndarray:
     try:
         array = np.asarray(jax.device_get(value), dtype=np.float64)
@@ -52,16 +64,7 @@ def observed_tokens(layout: TokenLayout, observed: Mapping | None, *, excluded_s
     slices = layout.slices()
     values = np.full(layout.num_tokens, np.nan)
     for name, value in observed.items():
-        if name not in slices:
-            hint = (
-                f" {name!r} was excluded from the tokens (`exclude_sites`), so it cannot be observed."
-                if name in excluded_sites
-                else ""
-            )
-            raise ValueError(
-                f"observed names an unknown site {name!r}.{hint} The token sites are "
-                f"{layout.site_names}."
-            )
+        _check_token_site(layout, name, "observed", "observed", excluded_sites)
         site = layout.site(name)
         array = _as_float_array(name, value)
         if array.shape != site.shape:
@@ -253,13 +256,7 @@ def interval_bounds(
     lower = np.full(layout.num_tokens, -np.inf)
     upper = np.full(layout.num_tokens, np.inf)
     for name, pair in intervals.items():
-        if name not in slices:
-            hint = (
-                f" {name!r} was excluded from the tokens (`exclude_sites`), so it cannot be constrained."
-                if name in excluded_sites
-                else ""
-            )
-            raise ValueError(f"intervals names an unknown site {name!r}.{hint} The token sites are {layout.site_names}.")
+        _check_token_site(layout, name, "intervals", "constrained", excluded_sites)
         if isinstance(pair, (str, bytes)) or not hasattr(pair, "__len__") or len(pair) != 2:
             raise TypeError(
                 f"intervals[{name!r}] must be a pair (low, high), got {pair!r}. Use None for an open side, "
