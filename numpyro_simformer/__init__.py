@@ -7,6 +7,7 @@ answers any conditional query as an ArviZ ``DataTree``.
 
 __version__ = "0.1.0"
 
+from numpyro_simformer.graph import attention_mask, dependency_matrix
 from numpyro_simformer.masks import ConditionMaskDistribution
 from numpyro_simformer.nn import NetworkConfig
 from numpyro_simformer.density import ProbabilityFlowLogDensity
@@ -18,6 +19,8 @@ from numpyro_simformer.train import TrainingConfig
 __all__ = [
     "__version__",
     "Simformer",
+    "dependency_matrix",
+    "attention_mask",
     "NetworkConfig",
     "TrainingConfig",
     "ConditionMaskDistribution",

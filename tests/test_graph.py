@@ -346,3 +346,10 @@ def test_plot_dependencies_runs_with_agg():
     with pytest.raises(ValueError, match="3 labels"):
         plot_dependencies(labels, np.zeros((2, 2), bool))
     plt.close(ax.figure)
+
+
+def test_dependency_matrix_is_exported_at_the_top_level():
+    import numpyro_simformer
+    from numpyro_simformer import graph
+
+    assert numpyro_simformer.dependency_matrix is graph.dependency_matrix
