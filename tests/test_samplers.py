@@ -66,8 +66,10 @@ FAST_SAMPLERS = [
     ProbabilityFlowODE(solver=diffrax.Heun(), num_steps=50),
     ProbabilityFlowODE(solver=diffrax.Tsit5(), num_steps=None, rtol=1e-3, atol=1e-3),
     EDMHeun(num_steps=13),
+    EDMHeun(num_steps=25, churn=10.0),
     GuidedEulerMaruyama(num_steps=50, resampling_steps=2),
 ]
+FAST_IDS = ["euler_maruyama", "ode_heun", "ode_tsit5", "edm", "edm_churn", "guided"]
 
 
 def assert_moments(samples, mean, covariance, budget=0.05):
@@ -81,7 +83,7 @@ def assert_moments(samples, mean, covariance, budget=0.05):
 
 
 @pytest.mark.parametrize("sde", [VESDE(), VPSDE()], ids=["VE", "VP"])
-@pytest.mark.parametrize("sampler", FAST_SAMPLERS, ids=lambda sampler: type(sampler).__name__ + str(sampler.num_steps))
+@pytest.mark.parametrize("sampler", FAST_SAMPLERS, ids=FAST_IDS)
 def test_sampler_matches_gaussian_conditional_with_exact_score(sampler, sde, rng_key):
     score_fn = exact_score_fn(sde, MEAN, COVARIANCE, CONDITION_MASK, OBSERVED)
     sample_fn = jax.jit(sampler.build(score_fn, sde), static_argnums=4)
@@ -90,7 +92,7 @@ def test_sampler_matches_gaussian_conditional_with_exact_score(sampler, sde, rng
     assert_moments(z[:, ~CONDITION_MASK], mean, covariance)
 
 
-@pytest.mark.parametrize("sampler", FAST_SAMPLERS, ids=lambda sampler: type(sampler).__name__ + str(sampler.num_steps))
+@pytest.mark.parametrize("sampler", FAST_SAMPLERS, ids=FAST_IDS)
 def test_observed_tokens_never_move(sampler, rng_key):
     sde = VESDE()
     score_fn = exact_score_fn(sde, MEAN, COVARIANCE, CONDITION_MASK, OBSERVED)
@@ -102,7 +104,8 @@ def test_observed_tokens_never_move(sampler, rng_key):
 @pytest.mark.parametrize(
     "sampler",
     [EulerMaruyama(num_steps=7), ProbabilityFlowODE(num_steps=5), ProbabilityFlowODE(solver=diffrax.Tsit5(), num_steps=4),
-     EDMHeun(num_steps=6), EDMHeun(num_steps=1), GuidedEulerMaruyama(num_steps=4, resampling_steps=3)],
+     EDMHeun(num_steps=6), EDMHeun(num_steps=1), EDMHeun(num_steps=5, churn=5.0),
+     GuidedEulerMaruyama(num_steps=4, resampling_steps=3)],
     ids=lambda sampler: repr(sampler)[:40],
 )
 def test_network_evaluations_are_what_the_sampler_says(sampler, rng_key):
@@ -148,6 +151,7 @@ def test_edm_noise_levels_run_from_sigma_max_to_zero():
         (lambda: EDMHeun(num_steps=0), ValueError, "num_steps"),
         (lambda: EDMHeun(sigma_min=2.0, sigma_max=1.0), ValueError, "sigma_min < sigma_max"),
         (lambda: EDMHeun(rho=0.0), ValueError, "rho"),
+        (lambda: EDMHeun(churn=-1.0), ValueError, "churn"),
         (lambda: ProbabilityFlowODE(num_steps=0), ValueError, "num_steps"),
         (lambda: ProbabilityFlowODE(solver="heun"), TypeError, "diffrax solver"),
         (lambda: ProbabilityFlowODE(num_steps=None, rtol=0.0), ValueError, "rtol"),

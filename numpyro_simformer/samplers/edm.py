@@ -22,6 +22,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import jax
@@ -87,18 +88,26 @@ class EDMHeun:
             (Karras et al. use 7).
         sigma_min, sigma_max: the schedule's ends as noise levels ``sigma / alpha``;
             ``None`` (default) takes the SDE's range ``sigma_hat(t_min)``, ``sigma_hat(1)``.
+        churn: Karras et al.'s ``S_churn``. 0 (default): deterministic. Above 0, before each
+            step the noise is raised from ``sigma_i`` to ``(1 + gamma) sigma_i`` with fresh
+            noise, ``gamma = min(churn / num_steps, sqrt(2) - 1)`` (not above the SDE's
+            ``sigma_max``): a stochastic sampler that corrects some of the score's errors,
+            at the same number of network evaluations.
     """
 
     num_steps: int = 13
     rho: float = 7.0
     sigma_min: float | None = None
     sigma_max: float | None = None
+    churn: float = 0.0
 
     def __post_init__(self):
         if self.num_steps < 1:
             raise ValueError(f"EDMHeun.num_steps must be a positive integer, got {self.num_steps}.")
         if self.rho <= 0:
             raise ValueError(f"EDMHeun.rho must be positive, got {self.rho}.")
+        if self.churn < 0:
+            raise ValueError(f"EDMHeun.churn must be 0 or more, got {self.churn}.")
         for name in ("sigma_min", "sigma_max"):
             value = getattr(self, name)
             if value is not None and value <= 0:
@@ -124,35 +133,52 @@ class EDMHeun:
         ``observed_values``, ``condition_mask``: (num_tokens,) in z-space; returns
         (num_samples, num_tokens) in z-space. ``num_samples`` must be static under jit.
         """
-        levels = jnp.asarray(self.noise_levels(sde), dtype=jnp.float32)
-        times = time_of_noise_level(sde, levels[:-1])
-        alphas, sigmas = sde.marginal(times)
-        num_steps = self.num_steps
+        levels = self.noise_levels(sde)
+        gamma = min(self.churn / self.num_steps, math.sqrt(2.0) - 1.0)
+        raised = levels[:-1] * (1.0 + gamma)
+        raised = np.where(raised <= levels[0] * (1 + 1e-6), raised, levels[:-1])  # stay in the trained range
+        extra_noise = jnp.asarray(np.sqrt(np.maximum(raised**2 - levels[:-1] ** 2, 0.0)), dtype=jnp.float32)
+        levels = jnp.asarray(levels, dtype=jnp.float32)
+        raised = jnp.asarray(raised, dtype=jnp.float32)
+        level_times = time_of_noise_level(sde, levels[:-1])
+        raised_times = time_of_noise_level(sde, raised)
+        num_steps, stochastic = self.num_steps, gamma > 0
 
-        def denoise(params, x_hat, index, observed, mask):
-            """``D(x_hat, sigma_hat_index)`` in the scaled variable; observed tokens unchanged."""
-            alpha, sigma = alphas[index], sigmas[index]
+        def denoise(params, x_hat, time, observed, mask):
+            """``D(x_hat, sigma_hat(time))`` in the scaled variable; observed tokens unchanged."""
+            alpha, sigma = sde.marginal(time)
             x = jnp.where(mask, observed, alpha * x_hat)
-            time = jnp.full(x.shape[:-1], times[index])
-            score = score_fn(params, x, time, mask)
+            score = score_fn(params, x, jnp.full(x.shape[:-1], time), mask)
             return jnp.where(mask, observed, (x + sigma**2 * score) / alpha)
 
         def sample_fn(rng_key, params, observed_values, condition_mask, num_samples):
-            x = initial_latent(rng_key, sde, observed_values, condition_mask, num_samples)
+            key_init, key_churn = jax.random.split(rng_key) if stochastic else (rng_key, None)
+            x = initial_latent(key_init, sde, observed_values, condition_mask, num_samples)
             mask = jnp.broadcast_to(condition_mask, x.shape)
             observed = jnp.broadcast_to(observed_values, x.shape)
-            x_hat = jnp.where(mask, observed, x / alphas[0])
+            x_hat = jnp.where(mask, observed, x / sde.marginal(level_times[0])[0])
+            keys = jax.random.split(key_churn, num_steps) if stochastic else jnp.zeros(num_steps)
 
-            def heun_step(x_hat, index):
-                level, level_next = levels[index], levels[index + 1]
-                slope = (x_hat - denoise(params, x_hat, index, observed, mask)) / level
+            def churn(x_hat, index, key):
+                """Raise the noise from sigma_i to (1 + gamma) sigma_i with fresh noise (Karras et al.)."""
+                if not stochastic:
+                    return x_hat
+                noise = jax.random.normal(key, x_hat.shape)
+                return jnp.where(mask, observed, x_hat + extra_noise[index] * noise)
+
+            def heun_step(x_hat, inputs):
+                index, key = inputs
+                x_hat = churn(x_hat, index, key)
+                level, level_next = raised[index], levels[index + 1]
+                slope = (x_hat - denoise(params, x_hat, raised_times[index], observed, mask)) / level
                 x_euler = x_hat + (level_next - level) * slope
-                slope_next = (x_euler - denoise(params, x_euler, index + 1, observed, mask)) / level_next
+                slope_next = (x_euler - denoise(params, x_euler, level_times[index + 1], observed, mask)) / level_next
                 x_next = x_hat + (level_next - level) * 0.5 * (slope + slope_next)
                 return jnp.where(mask, observed, x_next), None
 
-            x_hat, _ = jax.lax.scan(heun_step, x_hat, jnp.arange(num_steps - 1))
+            x_hat, _ = jax.lax.scan(heun_step, x_hat, (jnp.arange(num_steps - 1), keys[:-1]))
             # Euler step to zero noise: x_hat + (0 - s) (x_hat - D) / s = D.
-            return denoise(params, x_hat, num_steps - 1, observed, mask)
+            x_hat = churn(x_hat, num_steps - 1, keys[-1])
+            return denoise(params, x_hat, raised_times[num_steps - 1], observed, mask)
 
         return sample_fn
