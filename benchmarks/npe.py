@@ -196,9 +196,9 @@ def single_run(args) -> list[dict]:
         rows.append({
             "task": args.task, "num_simulations": args.num_simulations, "method": "npe", "seed": args.seed,
             "query": f"observation {number}",
-            "c2st_mlp": "" if args.skip_mlp else round(c2st(estimate[:n], reference[:n], early_stopping=early), 4),
+            "c2st_mlp": "" if args.skip_mlp else round(c2st(reference[:n], estimate[:n], early_stopping=early), 4),
             "mlp_early_stopping": "" if args.skip_mlp else early,
-            "c2st_rf": round(c2st(estimate[:n], reference[:n], classifier="rf"), 4),
+            "c2st_rf": round(c2st(reference[:n], estimate[:n], classifier="rf"), 4),
             "num_c2st_samples": n, "training_s": round(stats["training_s"], 1), "steps": stats["steps"],
             "epochs": stats["epochs"], "stopped_early": stats["stopped_early"], "sampling_s": round(sampling_s, 2),
             "acceptance": round(acceptance, 4),

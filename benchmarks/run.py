@@ -112,9 +112,9 @@ def single_run(args) -> list[dict]:
             "task": args.task, "num_simulations": args.num_simulations, "attention": args.attention_kind,
             "seed": args.seed, "query": query,
             "c2st_mlp": "" if args.skip_mlp else round(
-                c2st(estimate[:n], reference[:n], early_stopping=args.mlp_early_stopping), 4),
+                c2st(reference[:n], estimate[:n], early_stopping=args.mlp_early_stopping), 4),
             "mlp_early_stopping": args.mlp_early_stopping,
-            "c2st_rf": round(c2st(estimate[:n], reference[:n], classifier="rf"), 4),
+            "c2st_rf": round(c2st(reference[:n], estimate[:n], classifier="rf"), 4),
             "num_c2st_samples": n, "training_s": round(sf.training_time, 1), "steps": int(sf.history.step[-1]),
             "stopped_early": bool(sf.history.stopped_early), "sampling_s": round(sampling_s, 2),
             "network_evaluations": sf.sampler.network_evaluations,

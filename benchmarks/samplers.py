@@ -149,15 +149,15 @@ def run_task(name, args, writer, rows, saved):
                 saved[f"{name}/{number}/{label}"] = estimate.astype(np.float32)
             n = min(args.num_c2st_samples, len(estimate), len(reference))
             if args.c2st == "rf":
-                score = c2st(estimate[:n], reference[:n], classifier="rf")
+                score = c2st(reference[:n], estimate[:n], classifier="rf")
             else:
-                score = c2st(estimate[:n], reference[:n], early_stopping=args.c2st == "mlp-early")
+                score = c2st(reference[:n], estimate[:n], early_stopping=args.c2st == "mlp-early")
             if baseline is None:
                 baseline, baseline_draws, against = score, estimate[:n], float("nan")  # not against itself
             elif args.c2st == "rf":
-                against = c2st(estimate[:n], baseline_draws, classifier="rf")
+                against = c2st(baseline_draws, estimate[:n], classifier="rf")
             else:
-                against = c2st(estimate[:n], baseline_draws, early_stopping=args.c2st == "mlp-early")
+                against = c2st(baseline_draws, estimate[:n], early_stopping=args.c2st == "mlp-early")
             row = {
                 "task": name, "observation": number, "sampler": label,
                 "nominal_evaluations": sampler.network_evaluations if sampler.network_evaluations else "",
