@@ -305,6 +305,7 @@ def load_simformer(path, model: Callable, model_args: tuple = (), model_kwargs: 
                                arrays, where)
 
     sf._supports = supports
+    sf.variable_dims = None
     sf.layout = layout
     sf.parents = parents
     sf.attention_mask = attention_mask

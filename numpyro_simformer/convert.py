@@ -28,6 +28,7 @@ def to_datatree(
     *,
     attrs: Mapping | None = None,
     extra_dims: Sequence[str] = (),
+    coords: Mapping[str, np.ndarray] | None = None,
 ):
     """Build the DataTree of one query.
 
@@ -39,6 +40,7 @@ def to_datatree(
         attrs: attributes for the root (inference settings).
         extra_dims: names of dims that sit between the sample dims and the site's dims
             (for example a batch of observations).
+        coords: ``{dim: values}``: coordinate values of dims (the times of a time series).
     """
     dims = {site.name: [*extra_dims, *site.dims] for site in layout.sites}
     data = {
@@ -47,7 +49,7 @@ def to_datatree(
         "observed_data": {name: np.asarray(value) for name, value in observed.items()},
     }
     data = {group: variables for group, variables in data.items() if variables}
-    tree = from_dict(data, dims=dims, sample_dims=["chain", "draw"])
+    tree = from_dict(data, dims=dims, coords=dict(coords or {}), sample_dims=["chain", "draw"])
     if attrs:
         tree.attrs.update(dict(attrs))
     return tree

@@ -69,6 +69,17 @@ class Simformer:
         data_sites: the sites treated as data by the posterior/likelihood training masks
             (default: sites without children in the graph).
         simulation_chunk_size: draws per jitted simulation call.
+        coordinates: ``{dim: argument}`` for time series and function-valued sites: ``dim``
+            is a plate name (or a dim name such as ``"beta_dim_0"``, or a site name for its
+            first axis) and ``argument`` the model keyword argument holding the coordinate
+            of each element along it (``{"time": "t"}`` for ``def model(t): ...  with
+            numpyro.plate("time", len(t))``). Training uses random subsets of the
+            simulated grid; queries pass new coordinates with ``model_kwargs``. See
+            ``docs/time-series.md``.
+        exchangeable: plate names whose size may differ between training and queries (iid
+            trials): the elements along them share one embedding.
+        points_per_dim: the most positions along each coordinate or exchangeable dim in one
+            training example (each example draws between 1 and this many at random).
         progress_bar: show progress bars for simulation, training (loss, steps/s, time
             left) and sampling (when a query takes several jitted calls).
     """
@@ -89,6 +100,9 @@ class Simformer:
         exclude_sites: Sequence[str] = (),
         data_sites: Sequence[str] | None = None,
         simulation_chunk_size: int = 10_000,
+        coordinates: Mapping[str, str] | None = None,
+        exchangeable: Sequence[str] = (),
+        points_per_dim: int = 20,
         progress_bar: bool = True,
     ):
         if not callable(model):
@@ -113,6 +127,15 @@ class Simformer:
         self.exclude_sites = list(exclude_sites)
         self.data_sites = None if data_sites is None else list(data_sites)
         self.simulation_chunk_size = int(simulation_chunk_size)
+        if coordinates is not None and not isinstance(coordinates, Mapping):
+            raise TypeError(f"`coordinates` must be a dict {{dim: model argument name}}, got {type(coordinates).__name__}.")
+        if isinstance(exchangeable, str):
+            raise TypeError("`exchangeable` takes a list of plate names, not a string.")
+        if not isinstance(points_per_dim, (int, np.integer)) or points_per_dim < 1:
+            raise ValueError(f"`points_per_dim` must be a positive integer, got {points_per_dim!r}.")
+        self.coordinates = dict(coordinates or {})
+        self.exchangeable = tuple(exchangeable)
+        self.points_per_dim = int(points_per_dim)
         self.progress_bar = progress_bar
         self._user_parents = None if parents is None else np.asarray(parents, dtype=bool)
         self._fitted = False
@@ -127,9 +150,23 @@ class Simformer:
         self._supports = {
             site.name: constant_support(site, [site.support, second[site.name]["fn"].support]) for site in sites
         }
-        self.layout = TokenLayout.from_sites(sites)
+        self._model_args, self._model_kwargs = tuple(model_args), dict(model_kwargs)
+        self.variable_dims = None
+        if self.coordinates or self.exchangeable:
+            from numpyro_simformer.variable import coordinate_scales, resolve_variable_dims, variable_layout
+
+            self.variable_dims = resolve_variable_dims(sites, self.coordinates, self.exchangeable, model_kwargs)
+            self._coordinate_scales = coordinate_scales(self.variable_dims)
+            self.layout = variable_layout(sites, self.variable_dims, self._coordinate_scales)
+        else:
+            self.layout = TokenLayout.from_sites(sites)
         self.parents = self._graph(key_graph, model_args, model_kwargs)
         self.attention_mask = self._attention_mask()
+        if self.variable_dims is not None:
+            from numpyro_simformer.variable import close_over_variable, variable_token_mask
+
+            self.attention_mask = close_over_variable(self.attention_mask,
+                                                      variable_token_mask(self.layout, self.variable_dims))
         has_children = self._sites_with_children()
         if self.data_sites is None:
             data_sites = [site.name for site in sites if not has_children[site.name]]
@@ -139,10 +176,16 @@ class Simformer:
                 raise ValueError(f"`data_sites` names {unknown}, which are not token sites {self.layout.site_names}.")
             data_sites = self.data_sites
         self._has_children = has_children
-        slices = self.layout.slices()
-        self._data_mask = np.zeros(self.layout.num_tokens, dtype=bool)
-        for name in data_sites:
-            self._data_mask[slices[name]] = True
+        self._data_site_names = list(data_sites)
+        self._data_mask = self._token_data_mask(self.layout)
+
+    def _token_data_mask(self, layout: TokenLayout) -> np.ndarray:
+        """bool (num_tokens,) of ``layout``: True on the data sites' tokens."""
+        slices = layout.slices()
+        mask = np.zeros(layout.num_tokens, dtype=bool)
+        for name in self._data_site_names:
+            mask[slices[name]] = True
+        return mask
 
     def _graph(self, rng_key, model_args, model_kwargs) -> np.ndarray:
         num_tokens = self.layout.num_tokens
@@ -259,7 +302,8 @@ class Simformer:
                 stacklevel=3,
             )
         tokens = np.asarray(self.layout.flatten(draws), dtype=np.float32)
-        self.transform = fit_token_transform(self.layout, tokens, self._supports)
+        self.transform = fit_token_transform(self.layout, tokens, self._supports,
+                                             pool_nodes=self.variable_dims is not None)
         data = np.asarray(jax.jit(self.transform.to_z)(tokens))
         finite = np.all(np.isfinite(data), axis=1)
         data = data[finite]
@@ -273,12 +317,23 @@ class Simformer:
         self._graphdef, self._constants = graphdef, constants
         self._build_functions()
         loss_fn = build_batch_loss_fn(self._denoiser_fn, self.sde)
+        subsample, data_mask = None, self._data_mask
+        if self.variable_dims is not None:  # train on random subsets: the subset's node ids
+            from numpyro_simformer.variable import Subsampler
+
+            subsample = Subsampler.build(self.layout, self.variable_dims, self.attention_mask, self.points_per_dim)
+            data_mask = self._token_data_mask(subsample.template)
+            template = subsample.template
+            loss_fn = build_batch_loss_fn(
+                build_denoiser_fn(graphdef, constants, template.node_ids, template.coordinates,
+                                  np.ones((template.num_tokens,) * 2, bool)), self.sde)
         start = _time.perf_counter()
         self.params, self.history = train(
-            key_train, loss_fn, params, data, self._data_mask, self.training_config, self.condition_masks,
+            key_train, loss_fn, params, data, data_mask, self.training_config, self.condition_masks,
             progress_bar=self.progress_bar,
             checkpoint_tag=repr((self.layout.labels, self.network_config, self.sde,
-                                 np.packbits(self.attention_mask).tobytes())),
+                                 np.packbits(self.attention_mask).tobytes(), self.points_per_dim)),
+            subsample=subsample,
         )
         self.training_time = _time.perf_counter() - start
         self._fitted = True
@@ -290,6 +345,78 @@ class Simformer:
         self._score_fn = build_score_fn(self._denoiser_fn, self.sde)
         self._sample_fns = {}
         self._log_prob_fns = {}
+        self._default_query = _Query(self.layout, self.transform, self._score_fn, self._sample_fns,
+                                     self._log_prob_fns,
+                                     self._coordinate_values(self.layout, getattr(self, "variable_dims", None)))
+        self._queries = {}
+
+    def _coordinate_values(self, layout, variable) -> dict:
+        """``{dim: coordinates}`` of the coordinate dims, as DataTree coordinates."""
+        if variable is None:
+            return {}
+        return {key: np.asarray(value) for key, value in variable.coordinates.items()
+                if any(key in site.dims for site in layout.sites)}
+
+    def _query(self, model_kwargs) -> "_Query":
+        """The layout, transform and network functions of a query at ``model_kwargs``.
+
+        ``None`` is the training layout. Otherwise the model is traced with its training
+        keyword arguments updated by ``model_kwargs`` (new coordinates, a new plate size),
+        and the token layout, graph and attention mask are rebuilt for it.
+        """
+        if model_kwargs is None:
+            return self._default_query
+        if not isinstance(model_kwargs, Mapping):
+            raise TypeError(f"`model_kwargs` must be a dict of the model's keyword arguments, got "
+                            f"{type(model_kwargs).__name__}.")
+        if self.variable_dims is None:
+            raise ValueError(
+                "`model_kwargs` changes the model's sizes or coordinates, but this Simformer has no variable-size "
+                "dims: its layout is fixed by `fit`. Declare `coordinates=` or `exchangeable=` when creating it."
+            )
+        kwargs = {**self._model_kwargs, **dict(model_kwargs)}
+        cache_key = tuple(sorted((name, np.asarray(value).tobytes() if hasattr(value, "shape") else repr(value))
+                                 for name, value in kwargs.items()))
+        if cache_key in self._queries:
+            return self._queries[cache_key]
+        from numpyro_simformer.graph import attention_mask as graph_attention_mask, element_parents
+        from numpyro_simformer.transforms import TokenTransform
+        from numpyro_simformer.variable import (close_over_variable, node_shapes, resolve_variable_dims,
+                                                variable_layout, variable_token_mask)
+
+        key = jax.random.key(0)  # the query's structure does not depend on a key; reading it is deterministic
+        sites = read_sites(trace_model(key, self.model, self._model_args, kwargs), self.layout.site_names,
+                           self.exclude_sites)
+        variable = resolve_variable_dims(sites, self.coordinates, self.exchangeable, kwargs)
+        trained_shapes, shapes = node_shapes(self.layout.sites, self.variable_dims), node_shapes(sites, variable)
+        for site in sites:
+            if shapes[site.name] != trained_shapes[site.name]:
+                raise ValueError(
+                    f"Site {site.name!r} has shape {site.shape} at these model arguments; only its variable-size "
+                    f"dims may change, so its other axes must keep the trained shape {trained_shapes[site.name]}."
+                )
+        layout = variable_layout(sites, variable, self._coordinate_scales)
+        if self._user_parents is not None or not isinstance(self.attention, str):
+            raise ValueError("A query at new model arguments needs the model's graph at them; a user-given "
+                             "`parents` or `attention` array fits the training layout only.")
+        if self.attention == "dense":
+            mask = np.ones((layout.num_tokens, layout.num_tokens), dtype=bool)
+        else:
+            with numpyro.validation_enabled(False):
+                _, parents = element_parents(self.model, self._model_args, kwargs, token_sites=self.layout.site_names,
+                                             exclude_sites=self.exclude_sites, rng_key=key)
+            mask = np.asarray(graph_attention_mask(np.asarray(parents, bool), self.attention), dtype=bool)
+        mask = close_over_variable(mask, variable_token_mask(layout, variable))
+        node_mean = np.zeros(self.layout.num_nodes, np.float32)
+        node_std = np.ones(self.layout.num_nodes, np.float32)
+        node_mean[self.layout.node_ids], node_std[self.layout.node_ids] = self.transform.mean, self.transform.std
+        transform = TokenTransform(layout, self.transform.bijections, node_mean[layout.node_ids],
+                                   node_std[layout.node_ids])
+        denoiser_fn = build_denoiser_fn(self._graphdef, self._constants, layout.node_ids, layout.coordinates, mask)
+        query = _Query(layout, transform, build_score_fn(denoiser_fn, self.sde), {}, {},
+                       self._coordinate_values(layout, variable), mask)
+        self._queries[cache_key] = query
+        return query
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, path, *, overwrite: bool = False):
@@ -307,6 +434,11 @@ class Simformer:
         from numpyro_simformer.checkpoint import save_simformer
 
         self._check_fitted("save")
+        if getattr(self, "variable_dims", None) is not None:
+            raise NotImplementedError(
+                "Saving a Simformer with `coordinates` or `exchangeable` dims is not supported yet: the "
+                "checkpoint format stores a fixed token layout. Refit it, or train without variable-size dims."
+            )
         return save_simformer(self, path, overwrite=overwrite)
 
     @classmethod
@@ -332,12 +464,13 @@ class Simformer:
         if not self._fitted:
             raise RuntimeError(f"`{method}` needs a fitted Simformer: call `fit(rng_key, ...)` first.")
 
-    def _sample_fn(self, sampler, chunk: int, guidance=None, batched: bool = False):
+    def _sample_fn(self, sampler, chunk: int, guidance=None, batched: bool = False, query=None):
         """Jitted ``fn(rng_key, params, values, mask)``; ``batched``: vmapped over observations
         (keys, values, mask); with ``guidance``, ``params`` is ``(params, IntervalBounds)``."""
+        query = self._default_query if query is None else query
         key = (sampler, chunk, guidance, batched)
-        if key not in self._sample_fns:
-            score_fn = self._score_fn
+        if key not in query.sample_fns:
+            score_fn = query.score_fn
             if guidance is not None:
                 score_fn = build_interval_score_fn(score_fn, self.sde, guidance)
             sample_fn = sampler.build(score_fn, self.sde)
@@ -345,11 +478,12 @@ class Simformer:
             def one(rng_key, params, values, mask):
                 return sample_fn(rng_key, params, values, mask, chunk)
 
-            self._sample_fns[key] = jax.jit(jax.vmap(one, in_axes=(0, None, 0, 0)) if batched else one)
-        return self._sample_fns[key]
+            query.sample_fns[key] = jax.jit(jax.vmap(one, in_axes=(0, None, 0, 0)) if batched else one)
+        return query.sample_fns[key]
 
     def sample(self, rng_key, *, observed: Mapping | None = None, num_samples: int, sampler=None,
-               intervals: Mapping | None = None, guidance=None, batch_size: int = 2_000):
+               intervals: Mapping | None = None, guidance=None, batch_size: int = 2_000,
+               model_kwargs: Mapping | None = None):
         """Draw from any conditional of the model: ``p(latent sites | observed, intervals)``.
 
         Args:
@@ -370,6 +504,10 @@ class Simformer:
                 (default) or ``SigmoidIntervalGuidance`` (the paper's).
             batch_size: samples per jitted call (bounds memory). Observations of a batch
                 are vmapped together, ``batch_size // min(batch_size, num_samples)`` per call.
+            model_kwargs: keyword arguments of the model for this query, for a Simformer
+                with ``coordinates`` or ``exchangeable`` dims: new coordinates (observe a
+                series at 4 times, predict it at 200) or a new plate size. The model is
+                re-traced with them; ``observed`` then takes the new shapes.
 
         Returns:
             An ``xarray.DataTree`` with groups ``posterior`` (inferred sites with children),
@@ -384,41 +522,42 @@ class Simformer:
         if not isinstance(batch_size, (int, np.integer)) or batch_size <= 0:
             raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
         self._check_fitted("sample")
+        query = self._query(model_kwargs)
         values, condition_mask, num_observations = batched_observed_tokens(
-            self.layout, observed, excluded_sites=self.exclude_sites
+            query.layout, observed, excluded_sites=self.exclude_sites
         )
-        bounds = interval_bounds(self.layout, self.transform, intervals, condition_mask,
+        bounds = interval_bounds(query.layout, query.transform, intervals, condition_mask,
                                  excluded_sites=self.exclude_sites)
         if sampler is None:
             sampler = self.sampler if bounds is None else GuidedEulerMaruyama()
         params = self.params
         if bounds is not None:
             params = (params, IntervalBounds(jnp.asarray(bounds.z_lower), jnp.asarray(bounds.z_upper)))
-        z_observed = to_z_checked(self.layout, self.transform, values, condition_mask)
+        z_observed = to_z_checked(query.layout, query.transform, values, condition_mask)
         if guidance is not None and bounds is None:
             raise ValueError("`guidance` steers interval conditions: pass `intervals=` with it, or leave it out.")
         if bounds is not None and guidance is None:
             guidance = GaussianIntervalGuidance()
-        options = dict(params=params, guidance=guidance if bounds is not None else None)
+        options = dict(params=params, guidance=guidance if bounds is not None else None, query=query)
         if num_observations is None:
             z = self._sample_z(rng_key, sampler, z_observed[0], condition_mask[0], num_samples, batch_size, **options)
             z = z[:, None]  # (draw, observation, token)
         else:
             z = self._sample_z_batched(rng_key, sampler, z_observed, condition_mask, num_samples, batch_size, **options)
             z = jnp.swapaxes(z, 0, 1)
-        tokens = np.asarray(jax.jit(self.transform.from_z)(z), dtype=np.float64)
+        tokens = np.asarray(jax.jit(query.transform.from_z)(z), dtype=np.float64)
         tokens = np.where(condition_mask, values, tokens)
         if num_observations is None:
             tokens, values = tokens[:, 0], values[0]
         observed_names = [] if observed is None else list(observed)
         tree = self._to_datatree(tokens[None], observed_names, values, condition_mask, sampler,
-                                 batched=num_observations is not None, intervals=bounds)
+                                 batched=num_observations is not None, intervals=bounds, query=query)
         if bounds is not None:
             tree.attrs["guidance"] = repr(guidance)
         return tree
 
     def log_prob(self, values: Mapping, *, observed: Mapping | None = None, rng_key=None, density=None,
-                 batch_size: int = 1_000) -> np.ndarray:
+                 batch_size: int = 1_000, model_kwargs: Mapping | None = None) -> np.ndarray:
         """Log density of any conditional, ``log p(values | observed)``, in the user's space.
 
         Integrates the probability-flow ODE with its divergence and adds the Jacobians of the
@@ -432,6 +571,7 @@ class Simformer:
                 ``density.exact_trace_max_dim``).
             density: a :class:`~numpyro_simformer.density.ProbabilityFlowLogDensity`.
             batch_size: points per jitted call.
+            model_kwargs: the model's keyword arguments for this query, as in :meth:`sample`.
 
         Returns:
             float64 array (num_points,): the log density at each point (``-inf`` outside the
@@ -445,22 +585,23 @@ class Simformer:
             raise TypeError(f"`density` must be a ProbabilityFlowLogDensity, got {type(density).__name__}.")
         if not isinstance(batch_size, (int, np.integer)) or batch_size <= 0:
             raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
-        observed_values, condition_mask = observed_tokens(self.layout, observed, excluded_sites=self.exclude_sites)
-        to_z_checked(self.layout, self.transform, observed_values, condition_mask)  # observed in support
-        tokens = points_to_tokens(self.layout, values, observed_values, condition_mask)
-        if density not in self._log_prob_fns:
-            self._log_prob_fns[density] = jax.jit(density.build(self._score_fn, self.sde), static_argnames="exact")
+        query = self._query(model_kwargs)
+        observed_values, condition_mask = observed_tokens(query.layout, observed, excluded_sites=self.exclude_sites)
+        to_z_checked(query.layout, query.transform, observed_values, condition_mask)  # observed in support
+        tokens = points_to_tokens(query.layout, values, observed_values, condition_mask)
+        if density not in query.log_prob_fns:
+            query.log_prob_fns[density] = jax.jit(density.build(query.score_fn, self.sde), static_argnames="exact")
         return conditional_log_prob(
-            rng_key, self._log_prob_fns[density], self.params, self.transform, tokens, condition_mask,
+            rng_key, query.log_prob_fns[density], self.params, query.transform, tokens, condition_mask,
             exact_trace_max_dim=density.exact_trace_max_dim, num_probes=density.num_probes, batch_size=batch_size,
         )
 
     def _sample_z(self, rng_key, sampler, z_observed, condition_mask, num_samples, batch_size, *,
-                  params=None, guidance=None):
+                  params=None, guidance=None, query=None):
         """(num_samples, num_tokens) in z-space for one observation."""
         chunk = min(batch_size, num_samples)
         num_chunks = -(-num_samples // chunk)
-        sample_fn = self._sample_fn(sampler, chunk, guidance)
+        sample_fn = self._sample_fn(sampler, chunk, guidance, query=query)
         params = self.params if params is None else params
         keys = jax.random.split(rng_key, num_chunks)
         bar, parts = self._sampling_bar(num_chunks), []
@@ -482,7 +623,7 @@ class Simformer:
         return tqdm(total=num_calls, desc="sampling", unit="call")
 
     def _sample_z_batched(self, rng_key, sampler, z_observed, condition_mask, num_samples, batch_size, *,
-                          params=None, guidance=None):
+                          params=None, guidance=None, query=None):
         """(num_observations, num_samples, num_tokens), vmapped over observations.
 
         Observation i draws with ``fold_in(rng_key, i)``, split into chunk keys exactly as
@@ -492,7 +633,7 @@ class Simformer:
         num_chunks = -(-num_samples // chunk)
         num_observations = z_observed.shape[0]
         group = min(num_observations, max(1, batch_size // chunk))
-        sample_fn = self._sample_fn(sampler, chunk, guidance, batched=True)
+        sample_fn = self._sample_fn(sampler, chunk, guidance, batched=True, query=query)
         params = self.params if params is None else params
         keys = jnp.stack([jax.random.split(jax.random.fold_in(rng_key, index), num_chunks)
                           for index in range(num_observations)])
@@ -516,18 +657,20 @@ class Simformer:
         return jnp.concatenate(results)[:num_observations]
 
     def _to_datatree(self, tokens, observed_names, observed_values, condition_mask, sampler, *,
-                     batched: bool = False, intervals=None):
+                     batched: bool = False, intervals=None, query=None):
         """``tokens``: (chain, draw, [observation,] num_tokens); ``observed_values``:
         ([observation,] num_tokens) with NaN where latent; ``condition_mask`` (..., num_tokens)."""
-        site_values = self.layout.unflatten(tokens)
-        slices = self.layout.slices()
-        condition_mask = np.reshape(condition_mask, (-1, self.layout.num_tokens))
-        inferred = [site for site in self.layout.sites if not condition_mask[:, slices[site.name]].all()]
+        query = self._default_query if query is None else query
+        layout = query.layout
+        site_values = layout.unflatten(tokens)
+        slices = layout.slices()
+        condition_mask = np.reshape(condition_mask, (-1, layout.num_tokens))
+        inferred = [site for site in layout.sites if not condition_mask[:, slices[site.name]].all()]
         samples = {}
         for site in inferred:
             value = np.asarray(site_values[site.name])
             samples[site.name] = value.astype(np.int64) if site.is_discrete else value
-        observed_sites = self.layout.unflatten(np.asarray(observed_values, dtype=np.float64))
+        observed_sites = layout.unflatten(np.asarray(observed_values, dtype=np.float64))
         observed_data = {name: observed_sites[name] for name in observed_names}
         extra_dims = ("observation",) if batched else ()
         attrs = {
@@ -537,23 +680,34 @@ class Simformer:
             "num_simulations": int(self.simulation_info.num_valid),
         }
         if intervals is not None:
-            attrs["interval_sites"] = [name for name in self.layout.site_names
+            attrs["interval_sites"] = [name for name in layout.site_names
                                        if intervals.interval_mask[slices[name]].any()]
             for name in attrs["interval_sites"]:
-                site = self.layout.site(name)
+                site = layout.site(name)
                 for side, bound in (("lower", intervals.lower), ("upper", intervals.upper)):
                     value = bound[slices[name]].reshape(site.shape)
                     observed_data[f"{name}_{side}"] = np.broadcast_to(value, tokens.shape[2:-1] + site.shape)
         tree = to_datatree(
-            self.layout,
+            layout,
             samples,
             {name: value for name, value in observed_data.items() if name in slices},
             [site.name for site in inferred if self._has_children[site.name]],
             [site.name for site in inferred if not self._has_children[site.name]],
             attrs=attrs,
             extra_dims=extra_dims,
+            coords=query.coordinates,
         )
-        return _add_bounds(tree, self.layout, observed_data, extra_dims)
+        return _add_bounds(tree, layout, observed_data, extra_dims)
+
+
+class _Query:
+    """What one query layout needs: tokens, transform, score function and compiled samplers."""
+
+    def __init__(self, layout, transform, score_fn, sample_fns, log_prob_fns, coordinates, attention_mask=None):
+        self.layout, self.transform, self.score_fn = layout, transform, score_fn
+        self.sample_fns, self.log_prob_fns = sample_fns, log_prob_fns
+        self.coordinates = coordinates  # {dim: values} for the DataTree
+        self.attention_mask = attention_mask
 
 
 def _add_bounds(tree, layout, observed_data, extra_dims):

@@ -160,14 +160,37 @@ def build_optimizer(config: TrainingConfig) -> optax.GradientTransformation:
     return optax.chain(optax.clip_by_global_norm(config.gradient_clip_norm), optax.adam(schedule))
 
 
+def _draw_batch(rng_key, rows, data_mask, mask_distribution, subsample, shard=lambda x: x):
+    """Condition masks for ``rows`` and, with ``subsample``, each row's random subset.
+
+    Returns ``(batch, condition_mask, structure)``; ``structure`` is ``None`` or the
+    per-example ``(coordinates, attention_mask)``. Padding positions of a subset count as
+    observed: they carry no loss, and no token attends to them.
+    """
+    key_mask, key_subsample = jax.random.split(rng_key)
+    structure = None
+    if subsample is not None:
+        rows, present, coordinates, attention = jax.vmap(subsample)(
+            jax.random.split(key_subsample, rows.shape[0]), rows)
+        structure = (shard(coordinates), shard(attention))
+    condition_mask = jax.vmap(lambda key: sample_condition_mask(key, data_mask, mask_distribution))(
+        jax.random.split(key_mask, rows.shape[0])
+    )
+    if subsample is not None:
+        condition_mask = condition_mask | ~present
+    return shard(rows), shard(condition_mask), structure
+
+
 def build_train_fn(loss_fn, optimizer, mask_distribution: ConditionMaskDistribution, data_mask, batch_size: int,
-                   ema_decay: float, steps_per_call: int, batch_sharding=None):
+                   ema_decay: float, steps_per_call: int, batch_sharding=None, subsample=None):
     """``train_fn(state, rng_key, data) -> (state, losses)``: ``steps_per_call`` steps, jitted.
 
     ``data`` is (num_train, num_tokens) in z-space; it is an argument, not a constant, so
     the compiled function does not embed the training set. With ``batch_sharding`` (a
     ``NamedSharding`` over a ``"data"`` axis) each batch is split over the devices and
-    ``jit`` all-reduces the gradients.
+    ``jit`` all-reduces the gradients. With ``subsample`` (a
+    :class:`~numpyro_simformer.variable.Subsampler`) each example is a random subset of
+    its row along the variable-size dims, and ``data_mask`` is over the subset's tokens.
     """
     data_mask = jnp.asarray(data_mask, dtype=bool)
     shard = (lambda x: x) if batch_sharding is None else (
@@ -177,11 +200,9 @@ def build_train_fn(loss_fn, optimizer, mask_distribution: ConditionMaskDistribut
         state, data = carry
         key_batch, key_mask, key_loss = jax.random.split(rng_key, 3)
         index = jax.random.randint(key_batch, (batch_size,), 0, data.shape[0])
-        condition_mask = jax.vmap(lambda key: sample_condition_mask(key, data_mask, mask_distribution))(
-            jax.random.split(key_mask, batch_size)
-        )
-        batch, condition_mask = shard(data[index]), shard(condition_mask)
-        loss, grads = jax.value_and_grad(loss_fn)(state.params, key_loss, batch, condition_mask)
+        batch, condition_mask, structure = _draw_batch(key_mask, data[index], data_mask, mask_distribution,
+                                                       subsample, shard)
+        loss, grads = jax.value_and_grad(loss_fn)(state.params, key_loss, batch, condition_mask, structure)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         decay = jnp.minimum(ema_decay, (1.0 + state.step) / (10.0 + state.step))
@@ -196,18 +217,17 @@ def build_train_fn(loss_fn, optimizer, mask_distribution: ConditionMaskDistribut
     return train_fn
 
 
-def _validation_fn(loss_fn, mask_distribution, data_mask, rng_key, validation_data):
+def _validation_fn(loss_fn, mask_distribution, data_mask, rng_key, validation_data, subsample=None):
     key_mask, key_loss = jax.random.split(rng_key)
-    masks = jax.vmap(lambda key: sample_condition_mask(key, jnp.asarray(data_mask), mask_distribution))(
-        jax.random.split(key_mask, validation_data.shape[0])
-    )
-    evaluate = jax.jit(lambda params: loss_fn(params, key_loss, validation_data, masks))
+    batch, masks, structure = jax.jit(_draw_batch, static_argnums=(3, 4))(
+        key_mask, validation_data, jnp.asarray(data_mask), mask_distribution, subsample)
+    evaluate = jax.jit(lambda params: loss_fn(params, key_loss, batch, masks, structure))
     return evaluate
 
 
 def train(rng_key, loss_fn, params, data, data_mask, config: TrainingConfig,
           mask_distribution: ConditionMaskDistribution, *, progress_bar: bool = True,
-          checkpoint_tag: str = ""):
+          checkpoint_tag: str = "", subsample=None):
     """Train ``params`` on ``data`` (num_simulations, num_tokens) in z-space.
 
     With ``config.checkpoint_dir`` set, the loop's whole state (:class:`LoopState`) is
@@ -218,6 +238,9 @@ def train(rng_key, loss_fn, params, data, data_mask, config: TrainingConfig,
     Args:
         checkpoint_tag: a string that identifies everything else the run depends on (the
             model and network, which ``loss_fn`` hides); part of the run's fingerprint.
+        subsample: optional :class:`~numpyro_simformer.variable.Subsampler`: train on random
+            subsets of each row along its variable-size dims (``data_mask`` is then over
+            the subset's tokens).
 
     Returns:
         ``(best_ema_params, history)``: the EMA weights at the best validation loss (the
@@ -232,7 +255,8 @@ def train(rng_key, loss_fn, params, data, data_mask, config: TrainingConfig,
     train_data = jnp.asarray(data[order[num_validation:]])
 
     parallel = resolve_devices(config.data_parallel)
-    batch_size = config.resolved_batch_size(data.shape[1], 1 if parallel is None else parallel.num_devices)
+    num_tokens = data.shape[1] if subsample is None else subsample.template.num_tokens
+    batch_size = config.resolved_batch_size(num_tokens, 1 if parallel is None else parallel.num_devices)
     if parallel is not None:
         if batch_size % parallel.num_devices:
             raise ValueError(
@@ -245,8 +269,8 @@ def train(rng_key, loss_fn, params, data, data_mask, config: TrainingConfig,
     optimizer = build_optimizer(config)
     train_fn = build_train_fn(loss_fn, optimizer, mask_distribution, data_mask, batch_size,
                               config.ema_decay, config.steps_per_call,
-                              None if parallel is None else parallel.batch)
-    evaluate = (_validation_fn(loss_fn, mask_distribution, data_mask, key_validation, validation_data)
+                              None if parallel is None else parallel.batch, subsample)
+    evaluate = (_validation_fn(loss_fn, mask_distribution, data_mask, key_validation, validation_data, subsample)
                 if num_validation > 0 else None)
     state = TrainState(params, params, optimizer.init(params), jnp.zeros((), jnp.int32))
 

@@ -121,7 +121,7 @@ class TokenTransform:
         return total
 
 
-def fit_token_transform(layout: TokenLayout, tokens: np.ndarray, supports=None) -> TokenTransform:
+def fit_token_transform(layout: TokenLayout, tokens: np.ndarray, supports=None, pool_nodes: bool = False) -> TokenTransform:
     """Bijections for each site and z-scoring statistics from simulated constrained tokens.
 
     Args:
@@ -129,6 +129,8 @@ def fit_token_transform(layout: TokenLayout, tokens: np.ndarray, supports=None) 
         tokens: (num_simulations, num_tokens) constrained simulations, all finite.
         supports: optional per-site supports overriding those in the layout (used when a
             site's support depends on its parents and a constant fallback was chosen).
+        pool_nodes: share one mean and std among the tokens of a node id (the elements of
+            a variable-size dim, whose positions change between training and queries).
     """
     bijections = tuple(
         site_bijection(site, None if supports is None else supports[site.name])
@@ -148,6 +150,11 @@ def fit_token_transform(layout: TokenLayout, tokens: np.ndarray, supports=None) 
             stacklevel=2,
         )
         unconstrained = unconstrained[finite]
+    if pool_nodes:
+        from numpyro_simformer.variable import pooled_statistics
+
+        node_mean, node_std = pooled_statistics(unconstrained, layout.node_ids)
+        return TokenTransform(layout, bijections, node_mean[layout.node_ids], node_std[layout.node_ids])
     mean = unconstrained.mean(axis=0).astype(np.float32)
     std = unconstrained.std(axis=0).astype(np.float32)
     std = np.where(std > 1e-8, std, 1.0).astype(np.float32)

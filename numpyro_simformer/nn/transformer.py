@@ -93,8 +93,10 @@ class SimformerNetwork(nnx.Module):
         self.condition_embedding = nnx.Param(
             jax.random.normal(rngs.params(), (width,)) * 0.5
         )
+        # Coordinates are rescaled to [0, 1] over the training range (variable.py): a few
+        # cycles across the range resolve a time series' features.
         self.coordinate_frequencies = nnx.Variable(
-            jax.random.normal(rngs.params(), (config.num_coordinate_features,))
+            jax.random.normal(rngs.params(), (config.num_coordinate_features,)) * 3.0
         )
         self.coordinate_embedding = nnx.Linear(2 * config.num_coordinate_features, width, rngs=rngs)
         self.time_frequencies = nnx.Variable(
@@ -113,20 +115,22 @@ class SimformerNetwork(nnx.Module):
             time: (batch,) diffusion times (or any noise-level input in [0, 1]).
             condition_mask: (batch, num_tokens) bool, True where observed.
             node_ids: (num_tokens,) int node identities.
-            coordinates: (num_tokens,) float coordinates (0 where a site has none).
+            coordinates: (num_tokens,) float coordinates (0 where a site has none), or
+                (batch, num_tokens) when each example has its own.
             attention_mask: (num_tokens, num_tokens) bool, ``[i, j]`` True if token i may
                 attend to token j; or (batch, num_tokens, num_tokens).
 
         Returns:
             (batch, num_tokens) predicted noise.
         """
+        coordinate_tokens = self.coordinate_embedding(
+            _fourier_features(coordinates, self.coordinate_frequencies[...])
+        )
         tokens = (
             self.node_embedding(node_ids)[None]
             + self.value_embedding(values[..., None])
             + condition_mask[..., None].astype(values.dtype) * self.condition_embedding[...]
-            + self.coordinate_embedding(
-                _fourier_features(coordinates, self.coordinate_frequencies[...])
-            )[None]
+            + (coordinate_tokens[None] if coordinates.ndim == 1 else coordinate_tokens)
         )
         time_embedding = jax.nn.gelu(
             self.time_mlp(_fourier_features(time, self.time_frequencies[...]))
@@ -144,12 +148,15 @@ def build_denoiser_fn(graphdef, constants, node_ids, coordinates, attention_mask
     ``graphdef, params, constants = nnx.split(network, nnx.Param, ...)``; the trainable
     ``params`` are the function's argument, while ``constants`` (fixed Fourier
     frequencies), ``node_ids``, ``coordinates`` and ``attention_mask`` are captured.
+    ``coordinates`` and ``attention_mask`` may be overridden per call with per-example
+    arrays ((batch, num_tokens) and (batch, num_tokens, num_tokens)): training on random
+    subsets of a variable-size dim does so.
     """
     node_ids = jnp.asarray(node_ids)
     coordinates = jnp.asarray(coordinates, dtype=jnp.float32)
     attention_mask = jnp.asarray(attention_mask, dtype=bool)
 
-    def denoiser_fn(params, values, time, condition_mask):
+    def denoiser_fn(params, values, time, condition_mask, coordinates=coordinates, attention_mask=attention_mask):
         network = nnx.merge(graphdef, params, constants)
         return network(values, time, condition_mask, node_ids, coordinates, attention_mask)
 
