@@ -42,8 +42,8 @@ def example_loss(predicted_noise, noise, condition_mask):
 def build_batch_loss_fn(denoiser_fn, sde):
     """``loss_fn(params, rng_key, x0, condition_mask, structure=None) -> scalar`` over a batch.
 
-    ``structure``: optional per-example ``(coordinates, attention_mask)`` passed to the
-    denoiser (training on random subsets of variable-size dims).
+    ``structure``: optional per-example ``(coordinates, attention_mask, present)`` passed
+    to the denoiser (training on random subsets of variable-size dims).
     """
 
     def loss_fn(params, rng_key, x0, condition_mask, structure=None):
@@ -51,7 +51,7 @@ def build_batch_loss_fn(denoiser_fn, sde):
         x_t, time, noise = jax.vmap(lambda key, x, mask: noise_example(key, sde, x, mask))(
             keys, x0, condition_mask
         )
-        extra = {} if structure is None else dict(zip(("coordinates", "attention_mask"), structure))
+        extra = {} if structure is None else dict(zip(("coordinates", "attention_mask", "present"), structure))
         predicted = denoiser_fn(params, network_input(sde, x_t, time, condition_mask), time, condition_mask, **extra)
         return jnp.mean(jax.vmap(example_loss)(predicted, noise, condition_mask))
 

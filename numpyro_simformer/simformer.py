@@ -347,7 +347,8 @@ class Simformer:
         self._log_prob_fns = {}
         self._default_query = _Query(self.layout, self.transform, self._score_fn, self._sample_fns,
                                      self._log_prob_fns,
-                                     self._coordinate_values(self.layout, getattr(self, "variable_dims", None)))
+                                     self._coordinate_values(self.layout, getattr(self, "variable_dims", None)),
+                                     self.attention_mask, getattr(self, "variable_dims", None))
         self._queries = {}
 
     def _coordinate_values(self, layout, variable) -> dict:
@@ -414,7 +415,7 @@ class Simformer:
                                    node_std[layout.node_ids])
         denoiser_fn = build_denoiser_fn(self._graphdef, self._constants, layout.node_ids, layout.coordinates, mask)
         query = _Query(layout, transform, build_score_fn(denoiser_fn, self.sde), {}, {},
-                       self._coordinate_values(layout, variable), mask)
+                       self._coordinate_values(layout, variable), mask, variable)
         self._queries[cache_key] = query
         return query
 
@@ -539,7 +540,13 @@ class Simformer:
         if bounds is not None and guidance is None:
             guidance = GaussianIntervalGuidance()
         options = dict(params=params, guidance=guidance if bounds is not None else None, query=query)
-        if num_observations is None:
+        plan = None
+        if num_observations is None and bounds is None:
+            plan = self._split_plan(query, condition_mask[0])
+        if plan is not None:
+            z = self._sample_z_split(rng_key, sampler, query, plan, z_observed[0], condition_mask[0], num_samples,
+                                     batch_size)[:, None]
+        elif num_observations is None:
             z = self._sample_z(rng_key, sampler, z_observed[0], condition_mask[0], num_samples, batch_size, **options)
             z = z[:, None]  # (draw, observation, token)
         else:
@@ -613,6 +620,95 @@ class Simformer:
         if bar is not None:
             bar.close()
         return jnp.concatenate(parts)[:num_samples]
+
+    def _split_plan(self, query, condition_mask):
+        """How to answer a query with more positions along a variable dim than training saw.
+
+        Training shows at most ``points_per_dim`` positions per variable dim. When a query
+        asks for more latent ones (a series predicted at 200 times) and those latent
+        variable tokens are conditionally independent given the rest (no two adjacent in the
+        attention mask, and every neighbour a token on no variable dim), the query splits
+        exactly: first the other latent tokens given the observations (the many latent
+        ones marginalised, i.e. left out), then, for each draw, the latent variable tokens
+        in chunks of ``points_per_dim``, each given that draw's non-variable tokens.
+
+        Returns ``None`` (answer in one pass) or ``(first, chunks)``: token indices of the
+        first pass and a list of index arrays, one per chunk.
+        """
+        variable = query.variable
+        if variable is None:
+            return None
+        from numpyro_simformer.variable import variable_token_mask
+
+        on_variable = variable_token_mask(query.layout, variable)
+        latent_variable = np.flatnonzero(on_variable & ~np.asarray(condition_mask))
+        if latent_variable.size == 0 or max(variable.sizes(query.layout.sites).values()) <= self.points_per_dim:
+            return None
+        adjacent = query.attention_mask | query.attention_mask.T
+        np.fill_diagonal(adjacent, False)
+        neighbours = adjacent[latent_variable]
+        if (neighbours & on_variable[None]).any():
+            return None  # coupled series: no exact split; one pass
+        first = np.setdiff1d(np.arange(query.layout.num_tokens), latent_variable)
+        size = self.points_per_dim
+        chunks = [latent_variable[start:start + size] for start in range(0, latent_variable.size, size)]
+        return first, chunks
+
+    def _sub_sample_fn(self, sampler, num_tokens: int, batched: bool):
+        """A jitted sampler over a token subset: ``fn(key, (params, node_ids, coordinates, mask), values, ...)``.
+
+        The subset's identities and attention mask are arguments, so every chunk of one
+        size shares one compiled function.
+        """
+        key = ("subset", sampler, num_tokens, batched)
+        if key not in self._sample_fns:
+            graphdef, constants = self._graphdef, self._constants
+
+            def denoiser_fn(packed, values, time, condition_mask):
+                params, node_ids, coordinates, attention_mask = packed
+                network = nnx.merge(graphdef, params, constants)
+                return network(values, time, condition_mask, node_ids, coordinates, attention_mask)
+
+            sample_fn = sampler.build(build_score_fn(denoiser_fn, self.sde), self.sde)
+            if batched:  # one draw per row of observed values
+                one = lambda rng_key, packed, values, mask: sample_fn(rng_key, packed, values, mask, 1)[0]
+                self._sample_fns[key] = jax.jit(jax.vmap(one, in_axes=(0, None, 0, None)))
+            else:
+                self._sample_fns[key] = jax.jit(sample_fn, static_argnums=4)
+        return self._sample_fns[key]
+
+    def _packed(self, query, tokens):
+        mask = np.asarray(query.attention_mask)[np.ix_(tokens, tokens)]
+        return (self.params, jnp.asarray(query.layout.node_ids[tokens]), jnp.asarray(query.layout.coordinates[tokens]),
+                jnp.asarray(mask))
+
+    def _sample_z_split(self, rng_key, sampler, query, plan, z_observed, condition_mask, num_samples, batch_size):
+        """(num_samples, num_tokens) in z-space by the split of :meth:`_split_plan`."""
+        first, chunks = plan
+        key_first, key_chunks = jax.random.split(rng_key)
+        first_fn, packed = self._sub_sample_fn(sampler, first.size, batched=False), self._packed(query, first)
+        chunk = min(batch_size, num_samples)
+        parts = [first_fn(key, packed, jnp.asarray(z_observed[first]), jnp.asarray(condition_mask[first]), chunk)
+                 for key in jax.random.split(key_first, -(-num_samples // chunk))]
+        z = np.repeat(np.asarray(z_observed)[None], num_samples, axis=0)
+        z[:, first] = np.asarray(jnp.concatenate(parts)[:num_samples])
+        fixed = first[~_variable_tokens(query)[first]]  # the chunks' only neighbours
+        bar = self._sampling_bar(len(chunks))
+        for index, latent in enumerate(chunks):
+            tokens = np.concatenate([fixed, latent])
+            chunk_mask = np.concatenate([np.ones(fixed.size, bool), np.zeros(latent.size, bool)])
+            sample_fn, packed = self._sub_sample_fn(sampler, tokens.size, batched=True), self._packed(query, tokens)
+            keys = jax.random.split(jax.random.fold_in(key_chunks, index), num_samples)
+            draws = []
+            for start in range(0, num_samples, batch_size):
+                rows = slice(start, start + batch_size)
+                draws.append(sample_fn(keys[rows], packed, jnp.asarray(z[rows][:, tokens]), jnp.asarray(chunk_mask)))
+            z[:, latent] = np.asarray(jnp.concatenate(draws))[:, fixed.size:]
+            if bar is not None:
+                bar.update()
+        if bar is not None:
+            bar.close()
+        return jnp.asarray(z)
 
     def _sampling_bar(self, num_calls: int):
         """A tqdm bar over jitted sampling calls, when ``progress_bar`` is on and there are several."""
@@ -700,14 +796,22 @@ class Simformer:
         return _add_bounds(tree, layout, observed_data, extra_dims)
 
 
+def _variable_tokens(query) -> np.ndarray:
+    from numpyro_simformer.variable import variable_token_mask
+
+    return variable_token_mask(query.layout, query.variable)
+
+
 class _Query:
     """What one query layout needs: tokens, transform, score function and compiled samplers."""
 
-    def __init__(self, layout, transform, score_fn, sample_fns, log_prob_fns, coordinates, attention_mask=None):
+    def __init__(self, layout, transform, score_fn, sample_fns, log_prob_fns, coordinates, attention_mask=None,
+                 variable=None):
         self.layout, self.transform, self.score_fn = layout, transform, score_fn
         self.sample_fns, self.log_prob_fns = sample_fns, log_prob_fns
         self.coordinates = coordinates  # {dim: values} for the DataTree
         self.attention_mask = attention_mask
+        self.variable = variable
 
 
 def _add_bounds(tree, layout, observed_data, extra_dims):

@@ -164,7 +164,7 @@ def _draw_batch(rng_key, rows, data_mask, mask_distribution, subsample, shard=la
     """Condition masks for ``rows`` and, with ``subsample``, each row's random subset.
 
     Returns ``(batch, condition_mask, structure)``; ``structure`` is ``None`` or the
-    per-example ``(coordinates, attention_mask)``. Padding positions of a subset count as
+    per-example ``(coordinates, attention_mask, present)``. Padding positions of a subset count as
     observed: they carry no loss, and no token attends to them.
     """
     key_mask, key_subsample = jax.random.split(rng_key)
@@ -172,7 +172,7 @@ def _draw_batch(rng_key, rows, data_mask, mask_distribution, subsample, shard=la
     if subsample is not None:
         rows, present, coordinates, attention = jax.vmap(subsample)(
             jax.random.split(key_subsample, rows.shape[0]), rows)
-        structure = (shard(coordinates), shard(attention))
+        structure = (shard(coordinates), shard(attention), shard(present))
     condition_mask = jax.vmap(lambda key: sample_condition_mask(key, data_mask, mask_distribution))(
         jax.random.split(key_mask, rows.shape[0])
     )

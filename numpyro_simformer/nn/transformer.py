@@ -3,7 +3,7 @@
 A token for element i is the sum of four embeddings of width ``width``:
 its node identity (a learned table indexed by ``node_ids``), its value (a learned linear
 map of the scalar), its condition state (a learned vector times ``condition_mask[i]``) and
-its coordinate (random Fourier features of ``coordinates[i]``, a learned projection). The
+its coordinate (the coordinate and random Fourier features of it, a learned projection). The
 sum of learned linear embeddings is what the reference's concatenation followed by the
 first linear layer computes, with one layer fewer. Diffusion time enters every block's MLP
 through Fourier features, as in the reference. There is no positional encoding.
@@ -98,7 +98,11 @@ class SimformerNetwork(nnx.Module):
         self.coordinate_frequencies = nnx.Variable(
             jax.random.normal(rngs.params(), (config.num_coordinate_features,)) * 3.0
         )
-        self.coordinate_embedding = nnx.Linear(2 * config.num_coordinate_features, width, rngs=rngs)
+        self.coordinate_embedding = nnx.Linear(2 * config.num_coordinate_features + 1, width, rngs=rngs)
+        # log(1 + n) of the tokens of the token's node present and observed: attention
+        # averages, so a node with a variable number of elements (a series observed at n
+        # times) tells its readers n this way.
+        self.count_embedding = nnx.Linear(2, width, rngs=rngs)
         self.time_frequencies = nnx.Variable(
             jax.random.normal(rngs.params(), (config.num_time_features // 2,)) * 8.0
         )
@@ -107,7 +111,7 @@ class SimformerNetwork(nnx.Module):
         self.output_norm = nnx.LayerNorm(width, rngs=rngs)
         self.output = nnx.Linear(width, 1, rngs=rngs)
 
-    def __call__(self, values, time, condition_mask, node_ids, coordinates, attention_mask):
+    def __call__(self, values, time, condition_mask, node_ids, coordinates, attention_mask, present=None):
         """Predicted noise for every token.
 
         Args:
@@ -119,15 +123,22 @@ class SimformerNetwork(nnx.Module):
                 (batch, num_tokens) when each example has its own.
             attention_mask: (num_tokens, num_tokens) bool, ``[i, j]`` True if token i may
                 attend to token j; or (batch, num_tokens, num_tokens).
+            present: optional (batch, num_tokens) bool, False for padding tokens (training
+                on random subsets of variable-size dims); padding counts for no node.
 
         Returns:
             (batch, num_tokens) predicted noise.
         """
-        coordinate_tokens = self.coordinate_embedding(
-            _fourier_features(coordinates, self.coordinate_frequencies[...])
-        )
+        coordinate_tokens = self.coordinate_embedding(jnp.concatenate(  # the coordinate itself, and its features
+            [coordinates[..., None], _fourier_features(coordinates, self.coordinate_frequencies[...])], axis=-1
+        ))
+        same_node = (node_ids[:, None] == node_ids[None, :]).astype(values.dtype)
+        weight = jnp.ones_like(values) if present is None else present.astype(values.dtype)
+        observed = weight * condition_mask.astype(values.dtype)
+        counts = jnp.stack([weight @ same_node, observed @ same_node], axis=-1)  # same_node is symmetric
         tokens = (
             self.node_embedding(node_ids)[None]
+            + self.count_embedding(jnp.log1p(counts))
             + self.value_embedding(values[..., None])
             + condition_mask[..., None].astype(values.dtype) * self.condition_embedding[...]
             + (coordinate_tokens[None] if coordinates.ndim == 1 else coordinate_tokens)
@@ -149,15 +160,16 @@ def build_denoiser_fn(graphdef, constants, node_ids, coordinates, attention_mask
     ``params`` are the function's argument, while ``constants`` (fixed Fourier
     frequencies), ``node_ids``, ``coordinates`` and ``attention_mask`` are captured.
     ``coordinates`` and ``attention_mask`` may be overridden per call with per-example
-    arrays ((batch, num_tokens) and (batch, num_tokens, num_tokens)): training on random
-    subsets of a variable-size dim does so.
+    arrays ((batch, num_tokens) and (batch, num_tokens, num_tokens)), and ``present``
+    given: training on random subsets of a variable-size dim does so.
     """
     node_ids = jnp.asarray(node_ids)
     coordinates = jnp.asarray(coordinates, dtype=jnp.float32)
     attention_mask = jnp.asarray(attention_mask, dtype=bool)
 
-    def denoiser_fn(params, values, time, condition_mask, coordinates=coordinates, attention_mask=attention_mask):
+    def denoiser_fn(params, values, time, condition_mask, coordinates=coordinates, attention_mask=attention_mask,
+                    present=None):
         network = nnx.merge(graphdef, params, constants)
-        return network(values, time, condition_mask, node_ids, coordinates, attention_mask)
+        return network(values, time, condition_mask, node_ids, coordinates, attention_mask, present)
 
     return denoiser_fn
