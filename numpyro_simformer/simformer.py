@@ -382,8 +382,8 @@ class Simformer:
             return self._queries[cache_key]
         from numpyro_simformer.graph import attention_mask as graph_attention_mask, element_parents
         from numpyro_simformer.transforms import TokenTransform
-        from numpyro_simformer.variable import (close_over_variable, node_shapes, resolve_variable_dims,
-                                                variable_layout, variable_token_mask)
+        from numpyro_simformer.variable import (close_over_variable, node_level_mask, node_shapes,
+                                                resolve_variable_dims, variable_layout, variable_token_mask)
 
         key = jax.random.key(0)  # the query's structure does not depend on a key; reading it is deterministic
         sites = read_sites(trace_model(key, self.model, self._model_args, kwargs), self.layout.site_names,
@@ -400,8 +400,11 @@ class Simformer:
         if self._user_parents is not None or not isinstance(self.attention, str):
             raise ValueError("A query at new model arguments needs the model's graph at them; a user-given "
                              "`parents` or `attention` array fits the training layout only.")
+        node_mask = node_level_mask(self.attention_mask, self.layout.node_ids)
         if self.attention == "dense":
             mask = np.ones((layout.num_tokens, layout.num_tokens), dtype=bool)
+        elif node_mask is not None:  # attention depends on the nodes only: the same rule at any size
+            mask = node_mask[np.ix_(layout.node_ids, layout.node_ids)] | np.eye(layout.num_tokens, dtype=bool)
         else:
             with numpyro.validation_enabled(False):
                 _, parents = element_parents(self.model, self._model_args, kwargs, token_sites=self.layout.site_names,

@@ -217,6 +217,23 @@ def close_over_variable(mask: np.ndarray, variable_tokens: np.ndarray) -> np.nda
     return closed
 
 
+def node_level_mask(mask: np.ndarray, node_ids: np.ndarray) -> np.ndarray | None:
+    """``A`` (num_nodes, num_nodes) with ``mask[i, j] == A[node_i, node_j]`` for all ``i != j``, or ``None``.
+
+    When the attention between two tokens depends only on their nodes (observations
+    independent given the parameters, for example), the mask of any other layout of the
+    same nodes is ``A[node_i, node_j]``: no need to extract the graph again.
+    """
+    mask = np.asarray(mask, dtype=bool)
+    off_diagonal = ~np.eye(mask.shape[0], dtype=bool)
+    one_hot = (np.asarray(node_ids)[:, None] == np.arange(int(np.max(node_ids)) + 1)[None]).astype(np.int64)
+    connected = one_hot.T @ (mask & off_diagonal).astype(np.int64) @ one_hot
+    pairs = one_hot.T @ off_diagonal.astype(np.int64) @ one_hot
+    if np.any((connected != 0) & (connected != pairs)):
+        return None
+    return connected > 0
+
+
 @dataclass(frozen=True, eq=False)  # hashed by identity: a static argument of jitted functions
 class Subsampler:
     """Draws, per training example, random positions along each variable dim.

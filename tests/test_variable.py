@@ -22,7 +22,8 @@ import pytest
 from numpyro_simformer import NetworkConfig, Simformer, TrainingConfig
 from numpyro_simformer.diagnostics import c2st
 from numpyro_simformer.sites import read_sites, trace_model
-from numpyro_simformer.variable import Subsampler, close_over_variable, resolve_variable_dims, variable_layout
+from numpyro_simformer.variable import (Subsampler, close_over_variable, node_level_mask, resolve_variable_dims,
+                                        variable_layout)
 
 NOISE = 1.0  # a posterior a few times narrower than the prior: what a small network learns in 3,000 steps
 GRID = np.linspace(0.0, 1.0, 30)
@@ -213,3 +214,13 @@ def test_query_that_changes_a_fixed_axis_is_an_error(line):
             line.sample(jax.random.key(0), observed={}, num_samples=10, model_kwargs={"t": GRID[:3]})
     finally:
         line.model = model
+
+
+def test_node_level_mask_only_when_attention_depends_on_nodes_alone():
+    node_ids = np.array([0, 1, 2, 2, 2])
+    star = np.eye(5, dtype=bool)
+    star[:2, :] = star[:, :2] = True  # parameters see everything, observations only the parameters
+    np.testing.assert_array_equal(node_level_mask(star, node_ids), [[0, 1, 1], [1, 0, 1], [1, 1, 0]])  # diagonal: no pairs
+    chain = star.copy()
+    chain[2, 3] = chain[3, 2] = True  # two of the three observations linked: not a rule of nodes
+    assert node_level_mask(chain, node_ids) is None
