@@ -311,6 +311,10 @@ class Simformer:
             self.simulation_info = info._replace(num_valid=int(finite.sum()),
                                                  num_invalid=info.num_invalid + int((~finite).sum()))
         key_init, key_train = jax.random.split(rng_key)
+        if self.variable_dims is not None:
+            from dataclasses import replace as _replace
+
+            self.network_config = _replace(self.network_config, variable_size=True)
         network = SimformerNetwork(self.layout.num_nodes, self.network_config,
                                    rngs=nnx.Rngs(params=key_init))
         graphdef, params, constants = nnx.split(network, nnx.Param, ...)

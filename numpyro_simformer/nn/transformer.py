@@ -38,6 +38,7 @@ class NetworkConfig:
     mlp_width: int = 128
     num_time_features: int = 64
     num_coordinate_features: int = 16
+    variable_size: bool = False  # set by Simformer for coordinate / exchangeable dims
 
     def __post_init__(self):
         for name in ("width", "num_layers", "num_heads", "mlp_width", "num_time_features"):
@@ -98,11 +99,15 @@ class SimformerNetwork(nnx.Module):
         self.coordinate_frequencies = nnx.Variable(
             jax.random.normal(rngs.params(), (config.num_coordinate_features,)) * 3.0
         )
-        self.coordinate_embedding = nnx.Linear(2 * config.num_coordinate_features + 1, width, rngs=rngs)
-        # log(1 + n) of the tokens of the token's node present and observed: attention
-        # averages, so a node with a variable number of elements (a series observed at n
-        # times) tells its readers n this way.
-        self.count_embedding = nnx.Linear(2, width, rngs=rngs)
+        # With variable-size dims (``config.variable_size``) the coordinate itself joins its
+        # Fourier features, and each token gets log(1 + n) of its node's present and observed
+        # tokens: attention averages, so a node with a variable number of elements (a series
+        # observed at n times) tells its readers n this way. Fixed layouts need neither.
+        self.variable_size = bool(config.variable_size)
+        self.coordinate_embedding = nnx.Linear(2 * config.num_coordinate_features + self.variable_size, width,
+                                               rngs=rngs)
+        if self.variable_size:
+            self.count_embedding = nnx.Linear(2, width, rngs=rngs)
         self.time_frequencies = nnx.Variable(
             jax.random.normal(rngs.params(), (config.num_time_features // 2,)) * 8.0
         )
@@ -129,16 +134,19 @@ class SimformerNetwork(nnx.Module):
         Returns:
             (batch, num_tokens) predicted noise.
         """
-        coordinate_tokens = self.coordinate_embedding(jnp.concatenate(  # the coordinate itself, and its features
-            [coordinates[..., None], _fourier_features(coordinates, self.coordinate_frequencies[...])], axis=-1
-        ))
-        same_node = (node_ids[:, None] == node_ids[None, :]).astype(values.dtype)
-        weight = jnp.ones_like(values) if present is None else present.astype(values.dtype)
-        observed = weight * condition_mask.astype(values.dtype)
-        counts = jnp.stack([weight @ same_node, observed @ same_node], axis=-1)  # same_node is symmetric
+        features = _fourier_features(coordinates, self.coordinate_frequencies[...])
+        if self.variable_size:  # the coordinate itself, and its features
+            features = jnp.concatenate([coordinates[..., None], features], axis=-1)
+        coordinate_tokens = self.coordinate_embedding(features)
+        tokens = self.node_embedding(node_ids)[None]
+        if self.variable_size:
+            same_node = (node_ids[:, None] == node_ids[None, :]).astype(values.dtype)
+            weight = jnp.ones_like(values) if present is None else present.astype(values.dtype)
+            observed = weight * condition_mask.astype(values.dtype)
+            counts = jnp.stack([weight @ same_node, observed @ same_node], axis=-1)  # same_node is symmetric
+            tokens = tokens + self.count_embedding(jnp.log1p(counts))
         tokens = (
-            self.node_embedding(node_ids)[None]
-            + self.count_embedding(jnp.log1p(counts))
+            tokens
             + self.value_embedding(values[..., None])
             + condition_mask[..., None].astype(values.dtype) * self.condition_embedding[...]
             + (coordinate_tokens[None] if coordinates.ndim == 1 else coordinate_tokens)
