@@ -1,7 +1,7 @@
 """SIRD epidemic with a GP-valued contact rate: the posterior over beta(t) at any times.
 
-Run:  python examples/sird.py            (12 min wall, 14 min CPU on a shared 2-core CPU)
-      python examples/sird.py --tiny     (about 70 s, mostly compiling; what the test suite runs)
+Run:  python examples/sird.py            (9 minutes on an idle 2-core CPU)
+      python examples/sird.py --tiny     (about 60 s, mostly compiling; what the test suite runs)
 
 Writes ``sird.png`` to ``--output`` (default ``docs/images``): the posterior median and
 90 % band of beta(t) at 100 times with the true curve, and the posterior marginals of
