@@ -13,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import time as _time
 import warnings
 from typing import Callable, Mapping, Sequence
@@ -320,17 +321,14 @@ class Simformer:
         graphdef, params, constants = nnx.split(network, nnx.Param, ...)
         self._graphdef, self._constants = graphdef, constants
         self._build_functions()
-        loss_fn = build_batch_loss_fn(self._denoiser_fn, self.sde)
-        subsample, data_mask = None, self._data_mask
+        denoiser_fn, subsample, data_mask = self._denoiser_fn, None, self._data_mask
         if self.variable_dims is not None:  # train on random subsets: the subset's node ids
             from numpyro_simformer.variable import Subsampler
 
             subsample = Subsampler.build(self.layout, self.variable_dims, self.attention_mask, self.points_per_dim)
             data_mask = self._token_data_mask(subsample.template)
-            template = subsample.template
-            loss_fn = build_batch_loss_fn(
-                build_denoiser_fn(graphdef, constants, template.node_ids, template.coordinates,
-                                  np.ones((template.num_tokens,) * 2, bool)), self.sde)
+            denoiser_fn = functools.partial(self._denoiser_fn, node_ids=jnp.asarray(subsample.template.node_ids))
+        loss_fn = build_batch_loss_fn(denoiser_fn, self.sde)
         start = _time.perf_counter()
         self.params, self.history = train(
             key_train, loss_fn, params, data, data_mask, self.training_config, self.condition_masks,
@@ -404,7 +402,7 @@ class Simformer:
         if self._user_parents is not None or not isinstance(self.attention, str):
             raise ValueError("A query at new model arguments needs the model's graph at them; a user-given "
                              "`parents` or `attention` array fits the training layout only.")
-        node_mask = node_level_mask(self.attention_mask, self.layout.node_ids)
+        node_mask = None if self.attention == "dense" else node_level_mask(self.attention_mask, self.layout.node_ids)
         if self.attention == "dense":
             mask = np.ones((layout.num_tokens, layout.num_tokens), dtype=bool)
         elif node_mask is not None:  # attention depends on the nodes only: the same rule at any size
@@ -639,8 +637,9 @@ class Simformer:
         ones marginalised, i.e. left out), then, for each draw, the latent variable tokens
         in chunks of ``points_per_dim``, each given that draw's non-variable tokens.
 
-        Returns ``None`` (answer in one pass) or ``(first, chunks)``: token indices of the
-        first pass and a list of index arrays, one per chunk.
+        Returns ``None`` (answer in one pass) or ``(first, fixed, chunks)``: token indices
+        of the first pass, of the tokens on no variable dim (each chunk's condition), and a
+        list of index arrays, one per chunk.
         """
         variable = query.variable
         if variable is None:
@@ -657,9 +656,10 @@ class Simformer:
         if (neighbours & on_variable[None]).any():
             return None  # coupled series: no exact split; one pass
         first = np.setdiff1d(np.arange(query.layout.num_tokens), latent_variable)
+        fixed = np.flatnonzero(~on_variable)  # the chunks' only neighbours
         size = self.points_per_dim
         chunks = [latent_variable[start:start + size] for start in range(0, latent_variable.size, size)]
-        return first, chunks
+        return first, fixed, chunks
 
     def _sub_sample_fn(self, sampler, num_tokens: int, batched: bool):
         """A jitted sampler over a token subset: ``fn(key, (params, node_ids, coordinates, mask), values, ...)``.
@@ -669,12 +669,11 @@ class Simformer:
         """
         key = ("subset", sampler, num_tokens, batched)
         if key not in self._sample_fns:
-            graphdef, constants = self._graphdef, self._constants
 
             def denoiser_fn(packed, values, time, condition_mask):
                 params, node_ids, coordinates, attention_mask = packed
-                network = nnx.merge(graphdef, params, constants)
-                return network(values, time, condition_mask, node_ids, coordinates, attention_mask)
+                return self._denoiser_fn(params, values, time, condition_mask, coordinates=coordinates,
+                                         attention_mask=attention_mask, node_ids=node_ids)
 
             sample_fn = sampler.build(build_score_fn(denoiser_fn, self.sde), self.sde)
             if batched:  # one draw per row of observed values
@@ -691,7 +690,7 @@ class Simformer:
 
     def _sample_z_split(self, rng_key, sampler, query, plan, z_observed, condition_mask, num_samples, batch_size):
         """(num_samples, num_tokens) in z-space by the split of :meth:`_split_plan`."""
-        first, chunks = plan
+        first, fixed, chunks = plan
         key_first, key_chunks = jax.random.split(rng_key)
         first_fn, packed = self._sub_sample_fn(sampler, first.size, batched=False), self._packed(query, first)
         chunk = min(batch_size, num_samples)
@@ -699,7 +698,6 @@ class Simformer:
                  for key in jax.random.split(key_first, -(-num_samples // chunk))]
         z = np.repeat(np.asarray(z_observed)[None], num_samples, axis=0)
         z[:, first] = np.asarray(jnp.concatenate(parts)[:num_samples])
-        fixed = first[~_variable_tokens(query)[first]]  # the chunks' only neighbours
         bar = self._sampling_bar(len(chunks))
         for index, latent in enumerate(chunks):
             tokens = np.concatenate([fixed, latent])
@@ -801,12 +799,6 @@ class Simformer:
             coords=query.coordinates,
         )
         return _add_bounds(tree, layout, observed_data, extra_dims)
-
-
-def _variable_tokens(query) -> np.ndarray:
-    from numpyro_simformer.variable import variable_token_mask
-
-    return variable_token_mask(query.layout, query.variable)
 
 
 class _Query:

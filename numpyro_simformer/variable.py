@@ -310,12 +310,10 @@ class Subsampler:
 
 def pooled_statistics(tokens_unconstrained: np.ndarray, node_ids: np.ndarray):
     """Per-node mean and std (pooled over a node's elements) from unconstrained simulations."""
-    num_nodes = int(node_ids.max()) + 1
-    node_mean = np.zeros(num_nodes, np.float64)
-    node_std = np.ones(num_nodes, np.float64)
-    for node in range(num_nodes):
-        values = tokens_unconstrained[:, node_ids == node]
-        node_mean[node] = values.mean()
-        node_std[node] = values.std()
+    values = np.asarray(tokens_unconstrained, dtype=np.float64)
+    count = np.bincount(node_ids) * values.shape[0]
+    node_mean = np.bincount(node_ids, weights=values.sum(axis=0)) / count
+    centred = values - node_mean[node_ids]
+    node_std = np.sqrt(np.bincount(node_ids, weights=(centred**2).sum(axis=0)) / count)
     node_std = np.where(node_std > 1e-8, node_std, 1.0)
     return node_mean.astype(np.float32), node_std.astype(np.float32)

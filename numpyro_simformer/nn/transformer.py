@@ -169,14 +169,15 @@ def build_denoiser_fn(graphdef, constants, node_ids, coordinates, attention_mask
     frequencies), ``node_ids``, ``coordinates`` and ``attention_mask`` are captured.
     ``coordinates`` and ``attention_mask`` may be overridden per call with per-example
     arrays ((batch, num_tokens) and (batch, num_tokens, num_tokens)), and ``present``
-    given: training on random subsets of a variable-size dim does so.
+    given: training on random subsets of a variable-size dim does so. ``node_ids`` may be
+    overridden too (a query over a subset of the tokens).
     """
     node_ids = jnp.asarray(node_ids)
     coordinates = jnp.asarray(coordinates, dtype=jnp.float32)
     attention_mask = jnp.asarray(attention_mask, dtype=bool)
 
     def denoiser_fn(params, values, time, condition_mask, coordinates=coordinates, attention_mask=attention_mask,
-                    present=None):
+                    present=None, node_ids=node_ids):
         network = nnx.merge(graphdef, params, constants)
         return network(values, time, condition_mask, node_ids, coordinates, attention_mask, present)
 
