@@ -6,8 +6,9 @@ module finds each token's direct parents from the model itself (notes, section 6
 1. Trace the model ``num_draws`` times from its prior.
 2. Write each sample site's log-density as one term per independent event: ``to_event``,
    ``expand`` and ``mask`` are peeled off, so ``Normal(theta, 1).to_event(1)`` gives a term
-   per element and a ``MultivariateNormal`` one per event (whose elements then form a
-   lower-triangular clique, later <- earlier).
+   per element and a ``MultivariateNormal`` one per event. An event's elements form a
+   lower-triangular clique (later <- earlier), split into independent blocks where its
+   density on R^n is a sum over disjoint blocks (a block-diagonal covariance, say).
 3. Jacobian sparsity of the terms with respect to every continuous latent element (a term's
    own event held fixed), OR-ed over the draws, gives the differentiable edges; moving each
    element by a large amount (vmapped) and seeing which terms change catches
@@ -31,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import numpyro.distributions as dist
 from numpyro import handlers
+from numpyro.distributions import constraints
 from numpyro.infer import init_to_uniform
 from numpyro.ops.provenance import eval_provenance
 
@@ -44,6 +46,10 @@ _JIT_MAX_SITES = 32
 # The probe runs once, so compile it fast rather than run it fast (30% less time measured).
 _FAST_COMPILE = {"xla_backend_optimization_level": 0}
 _MAX_ROWS = 512  # perturbed copies of the model evaluated at once
+_MAX_EVENT_SITE = 512  # larger multivariate sites keep each event one clique
+# Log-densities computed in a batch may differ in their last bits from one copy to the
+# next; a change below this many machine epsilons (relative) is rounding, not an edge.
+_ROUNDING_EPS = 256
 
 
 class _Site(NamedTuple):
@@ -55,6 +61,7 @@ class _Site(NamedTuple):
     default_token: bool  # latent, not auxiliary, not improper
     control_flow: bool  # recorded by numpyro.contrib.control_flow (scan / cond)
     offset: int  # first index among all latent elements; -1 when observed
+    free_event: bool  # event support is all of R^n (independent real), not a simplex etc.
 
     @property
     def size(self) -> int:
@@ -130,8 +137,12 @@ def _collect_sites(trace: dict) -> list[_Site]:
         auxiliary = (msg.get("infer") or {}).get("is_auxiliary", False)
         default_token = not (observed or auxiliary or isinstance(base, dist.ImproperUniform))
         control_flow = bool(msg.get("_control_flow_done", False))
+        support = base.support
+        while isinstance(support, constraints.independent):
+            support = support.base_constraint
+        free_event = base.event_dim > 0 and support is constraints.real
         sites.append(_Site(name, shape, tuple(term_shape), observed, bool(discrete),
-                           default_token, control_flow, -1 if observed else offset))
+                           default_token, control_flow, -1 if observed else offset, free_event))
         offset += 0 if observed else math.prod(shape)
     return sites
 
@@ -227,7 +238,9 @@ def _probe(model, args, kwargs, sites, draws: dict, rng_key, failed: dict) -> np
         else:
             terms = jax.vmap(terms_fn, in_axes=(0, None))(rows, discrete_values)
         base, moved_terms = terms[0], terms[1:].reshape(2, size, -1)
-        same = (moved_terms == base) | (jnp.isnan(moved_terms) & jnp.isnan(base))
+        rounding = _ROUNDING_EPS * jnp.finfo(dtype).eps * (1.0 + jnp.abs(base))
+        same = (moved_terms == base) | (jnp.abs(moved_terms - base) <= rounding)
+        same |= jnp.isnan(moved_terms) & jnp.isnan(base)
         return jnp.any(~same, axis=0).T
 
     if jnp.issubdtype(rng_key.dtype, jax.dtypes.prng_key):
@@ -254,6 +267,68 @@ def _probe(model, args, kwargs, sites, draws: dict, rng_key, failed: dict) -> np
     for site in sites:
         failed.setdefault(site.name, f"the model could not be traced ({type(error).__name__}: {error})")
     return edges
+
+
+def _event_links(model, args, kwargs, sites, draws: dict, rng_key, failed: dict) -> dict[str, np.ndarray]:
+    """Which elements of one multivariate event depend on each other: ``{site: (size, size)}``.
+
+    A density on R^n that is a sum of functions of disjoint blocks of its elements makes the
+    blocks independent. The blocks start as the connected components of the Hessian's
+    sparsity, OR-ed over the draws (exact zeros: a block-diagonal covariance gives them);
+    then two blocks whose large-step second difference ``f(x+a+b) - f(x+a) - f(x+b) + f(x)``
+    is not zero beyond rounding are merged, which catches couplings with no derivative.
+    Within a block every element stays linked. Only latent continuous sites whose event
+    support is all of R^n and with at most ``_MAX_EVENT_SITE`` elements are refined: a
+    simplex or an ordered vector couples its elements through the support itself.
+    """
+    from scipy.sparse.csgraph import connected_components  # scipy comes with scikit-learn
+
+    dtype = jnp.result_type(float)
+    tolerance = _ROUNDING_EPS * float(jnp.finfo(dtype).eps)
+    rng = np.random.default_rng(np.asarray(jax.random.key_data(rng_key)).ravel())
+    links = {}
+    for site in sites:
+        if (site.observed or site.discrete or site.event_size < 2 or not site.free_event
+                or site.size > _MAX_EVENT_SITE or site.name in failed):
+            continue
+        num_terms, event = math.prod(site.term_shape), site.event_size
+        same_term = np.kron(np.eye(num_terms, dtype=bool), np.ones((event, event), dtype=bool))
+        others = {name: value for name, value in draws.items() if name != site.name}
+        local_failed: dict[str, str] = {}
+
+        def log_density(flat, others, site=site, failed=local_failed):
+            values = {**others, site.name: flat.reshape(site.shape)}
+            return _log_density_terms(model, args, kwargs, [site], values, failed)[site.name].sum()
+
+        z = draws[site.name].reshape(len(draws[site.name]), -1).astype(dtype)
+        try:
+            hessians = jax.jit(jax.vmap(jax.hessian(log_density)), compiler_options=_FAST_COMPILE)(z, others)
+            linked = np.asarray(jnp.any(hessians != 0, axis=0)) & same_term
+            _, block = connected_components(linked | linked.T, directed=False)
+            steps = rng.uniform(1.0, 3.0, z.shape) * (1.0 + np.abs(z)) * rng.choice([-1.0, 1.0], z.shape)
+            block_links = np.zeros((block.max() + 1,) * 2, dtype=bool)
+            pairs = [(a, b) for a in range(block.max() + 1) for b in range(a)
+                     if same_term[np.argmax(block == a), np.argmax(block == b)]]
+            if pairs:
+                f = jax.jit(jax.vmap(jax.vmap(log_density, in_axes=(0, None))), compiler_options=_FAST_COMPILE)
+                member = (block[None, :] == np.arange(block.max() + 1)[:, None]).astype(dtype)
+                both = np.stack([member[a] + member[b] for a, b in pairs])
+                rows = np.concatenate([np.zeros((1, z.shape[1])), member, both])  # (rows, size)
+                moved = np.asarray(f(z[:, None, :] + rows[None] * steps[:, None, :], others))
+                base, single, double = moved[:, :1], moved[:, 1 : 1 + len(member)], moved[:, 1 + len(member) :]
+                a, b = np.array(pairs).T
+                second = double - single[:, a] - single[:, b] + base
+                scale = np.abs(double) + np.abs(single[:, a]) + np.abs(single[:, b]) + np.abs(base)
+                coupled = ~(np.abs(second) <= tolerance * (1.0 + scale))  # NaN counts as coupled
+                block_links[a[coupled.any(axis=0)], b[coupled.any(axis=0)]] = True
+            _, merged = connected_components(block_links | block_links.T, directed=False)
+            label = merged[block]
+        except Exception:  # noqa: BLE001 - keep the whole event one clique
+            continue
+        if local_failed:
+            continue
+        links[site.name] = (label[:, None] == label[None, :]) & same_term
+    return links
 
 
 def _site_parents(model, args, kwargs, sites, values: dict) -> tuple[dict[str, set[str]], str | None]:
@@ -333,7 +408,7 @@ def _marginalise(parents: np.ndarray, rank: np.ndarray, removed: np.ndarray) -> 
     return parents
 
 
-def _element_graph(sites, term_edges, site_parents, failed) -> tuple[np.ndarray, list]:
+def _element_graph(sites, term_edges, site_parents, failed, event_links) -> tuple[np.ndarray, list]:
     """Parents among all latent elements, and the parent sets that observed terms couple."""
     by_name = {s.name: s for s in sites}
     num_latent = sum(s.size for s in sites if not s.observed)
@@ -357,8 +432,11 @@ def _element_graph(sites, term_edges, site_parents, failed) -> tuple[np.ndarray,
             edges[term, site.offset + term * event : site.offset + (term + 1) * event] = False
         block = slice(site.offset, site.offset + site.size)
         graph[block] |= np.repeat(edges, event, axis=0)
-        within_event = np.tril(np.ones((event, event), dtype=bool), -1)
-        graph[block, block] |= np.kron(np.eye(num_terms, dtype=bool), within_event)
+        if site.name in event_links:
+            graph[block, block] |= np.tril(event_links[site.name], -1)
+        else:
+            within_event = np.tril(np.ones((event, event), dtype=bool), -1)
+            graph[block, block] |= np.kron(np.eye(num_terms, dtype=bool), within_event)
     np.fill_diagonal(graph, False)
     return graph, cliques
 
@@ -428,7 +506,7 @@ def element_parents(
     if not isinstance(num_draws, int) or num_draws < 1:
         raise ValueError(f"`num_draws` must be a positive int; received {num_draws!r}.")
     rng_key = jax.random.key(0) if rng_key is None else rng_key
-    key_draws, key_perturb = jax.random.split(rng_key)
+    key_draws, key_perturb, key_events = jax.random.split(rng_key, 3)
     sites, types, draws = _prior_draws(model, args, kwargs, key_draws, num_draws)
     tokens = _resolve_tokens(types, sites, token_sites, exclude_sites)
     by_name = {s.name: s for s in sites}
@@ -453,7 +531,8 @@ def element_parents(
             "every element of each parent site). To override, pass your own `parents=` or "
             "`attention=` mask to Simformer.", stacklevel=2,
         )
-    graph, cliques = _element_graph(sites, term_edges, site_parents, failed)
+    event_links = _event_links(model, args, kwargs, sites, draws, key_events, failed)
+    graph, cliques = _element_graph(sites, term_edges, site_parents, failed, event_links)
     token_index = np.concatenate(
         [np.arange(by_name[n].offset, by_name[n].offset + by_name[n].size) for n in tokens]
     ).astype(int)

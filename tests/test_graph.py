@@ -278,6 +278,71 @@ def test_failing_site_falls_back_to_site_level_with_warning(rng_key):
     assert not parents[:2].any(), "theta has no parents"
 
 
+# --- multivariate events -------------------------------------------------------------------
+
+
+def slcp_flat():
+    """sbibm's SLCP as one 8-d event: a block-diagonal covariance (the task module's form)."""
+    theta = numpyro.sample("theta", dist.Uniform(-3, 3).expand([5]).to_event(1))
+    scale1, scale2, rho = theta[2] ** 2, theta[3] ** 2, jnp.tanh(theta[4])
+    tril = jnp.array([[scale1, 0.0], [rho * scale2, jnp.sqrt(1 - rho**2) * scale2]])
+    numpyro.sample("x", dist.MultivariateNormal(jnp.tile(theta[:2], 4), scale_tril=jnp.kron(jnp.eye(4), tril)))
+
+
+def test_block_diagonal_event_splits_into_independent_blocks(rng_key):
+    labels, parents = element_parents(slcp_flat, rng_key=rng_key)
+    theta = _vector("theta", 5)
+    edges = {f"x[{i}]": theta + ([f"x[{i - 1}]"] if i % 2 else []) for i in range(8)}
+    _assert_graph(labels, parents, edges, theta + _vector("x", 8))
+
+
+def test_dense_covariance_keeps_the_event_one_clique(rng_key):
+    def model():
+        theta = numpyro.sample("theta", dist.Normal(0, 1))
+        covariance = 0.5 * jnp.eye(3) + 0.5  # every pair correlated
+        numpyro.sample("x", dist.MultivariateNormal(theta * jnp.ones(3), covariance))
+
+    labels, parents = element_parents(model, rng_key=rng_key)
+    edges = {f"x[{i}]": ["theta"] + _vector("x", i) for i in range(3)}
+    _assert_graph(labels, parents, edges, ["theta"] + _vector("x", 3))
+
+
+class _AbsCoupled(dist.Distribution):
+    """Real 2-vector whose elements are coupled only through ``|x0 - x1|``: the Hessian of
+    its log-density is zero almost everywhere, yet x0 and x1 are dependent."""
+
+    support = dist.constraints.real_vector
+
+    def __init__(self, loc):
+        super().__init__(batch_shape=jnp.shape(loc)[:-1], event_shape=(2,))
+        self.loc = loc
+
+    def sample(self, key, sample_shape=()):
+        return self.loc + jax.random.normal(key, sample_shape + self.batch_shape + (2,))
+
+    def log_prob(self, value):
+        return -jnp.sum((value - self.loc) ** 2, -1) - jnp.abs(value[..., 0] - value[..., 1])
+
+
+def test_coupling_without_derivative_keeps_the_edge(rng_key):
+    def model():
+        theta = numpyro.sample("theta", dist.Normal(0, 1))
+        numpyro.sample("x", _AbsCoupled(theta * jnp.ones(2)))
+
+    labels, parents = element_parents(model, rng_key=rng_key)
+    _assert_graph(labels, parents, {"x[0]": ["theta"], "x[1]": ["theta", "x[0]"]}, ["theta", "x[0]", "x[1]"])
+
+
+def test_simplex_event_stays_one_clique(rng_key):
+    def model():
+        concentration = numpyro.sample("c", dist.LogNormal(0, 1))
+        numpyro.sample("p", dist.Dirichlet(concentration * jnp.ones(3)))  # diagonal Hessian
+
+    labels, parents = element_parents(model, rng_key=rng_key)
+    edges = {f"p[{i}]": ["c"] + _vector("p", i) for i in range(3)}
+    _assert_graph(labels, parents, edges, ["c"] + _vector("p", 3))
+
+
 # --- errors ------------------------------------------------------------------------------
 
 
