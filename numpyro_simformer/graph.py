@@ -317,9 +317,10 @@ def _event_links(model, args, kwargs, sites, draws: dict, rng_key, failed: dict)
                 moved = np.asarray(f(z[:, None, :] + rows[None] * steps[:, None, :], others))
                 base, single, double = moved[:, :1], moved[:, 1 : 1 + len(member)], moved[:, 1 + len(member) :]
                 a, b = np.array(pairs).T
-                second = double - single[:, a] - single[:, b] + base
-                scale = np.abs(double) + np.abs(single[:, a]) + np.abs(single[:, b]) + np.abs(base)
-                coupled = ~(np.abs(second) <= tolerance * (1.0 + scale))  # NaN counts as coupled
+                with np.errstate(invalid="ignore"):  # -inf - -inf: a Delta, say
+                    second = double - single[:, a] - single[:, b] + base
+                    scale = np.abs(double) + np.abs(single[:, a]) + np.abs(single[:, b]) + np.abs(base)
+                    coupled = ~(np.abs(second) <= tolerance * (1.0 + scale))  # NaN counts as coupled
                 block_links[a[coupled.any(axis=0)], b[coupled.any(axis=0)]] = True
             _, merged = connected_components(block_links | block_links.T, directed=False)
             label = merged[block]
