@@ -58,6 +58,18 @@ def load_rows(results_dir: Path) -> list[dict]:
     return rows
 
 
+def _complete_graph(task: str, cache: dict = {}) -> bool:
+    """Whether a task's moral graph is complete (its undirected mask is the dense one; see ``run.py``)."""
+    if task not in cache:
+        paper_table()  # puts this folder on sys.path
+        from run import graph_is_complete
+
+        from numpyro_simformer import tasks as task_module
+
+        cache[task] = hasattr(task_module, task) and graph_is_complete(task)
+    return cache[task]
+
+
 def mean(rows: list[dict], key: str) -> float:
     values = []
     for row in rows:
@@ -111,6 +123,8 @@ def build_table(rows: list[dict], paper: dict) -> str:
     ]
     for (kind, task, budget, label, source), group in sorted(grouped.items()):
         attention = group[0].get("attention", "") if group[0]["method"] == "simformer" else ""
+        if attention == "dense" and _complete_graph(task):
+            label += " (= undirected: complete graph)"
         paper_rf = paper_value(paper, kind, task, attention, budget) if attention else None
         npe_group = npe.get((kind, task, budget), []) if label != "npe" else []
         lines.append(
@@ -130,7 +144,9 @@ def build_table(rows: list[dict], paper: dict) -> str:
         "MLP = sbibm's definition; RF = sbi's random forest, which the paper's figures use. "
         "\"MLP early-stopped\" = sklearn validation early stopping (faster, less sensitive). "
         "paper Simformer (RF) = the paper's figure for the same attention kind and budget; "
-        "NPE = `benchmarks/npe.py` at the same task and budget.",
+        "NPE = `benchmarks/npe.py` at the same task and budget. "
+        "\"= undirected: complete graph\": the task's moral graph links every pair of tokens (Two Moons, "
+        "Gaussian Mixture), so its undirected mask is the dense mask and one run stands for both.",
         "",
         f"Samples per side: {', '.join(samples) if samples else 'none'}. "
         f"Machine: {'; '.join(machines) if machines else 'no results yet'}. "
