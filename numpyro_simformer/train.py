@@ -60,6 +60,12 @@ class TrainingConfig:
             a single-device run up to floating-point reduction order.
         checkpoint_every: steps between checkpoints (rounded up to a multiple of
             ``steps_per_call``): an interruption loses at most this much work.
+        stream_data: keep the training set in host memory and send each jitted call only
+            its ``steps_per_call`` batches, so the device holds batches, not simulations
+            (``None``: stream when the training set exceeds ``stream_threshold_bytes``).
+            The batches are drawn from the same keys either way: streaming changes where
+            the data lives, not the result.
+        stream_threshold_bytes: training-set size above which ``stream_data=None`` streams.
     """
 
     batch_size: int | None = None
@@ -78,10 +84,12 @@ class TrainingConfig:
     checkpoint_dir: str | None = None
     checkpoint_every: int = 1_000
     data_parallel: bool | None = None
+    stream_data: bool | None = None
+    stream_threshold_bytes: int = 1 << 30
 
     def __post_init__(self):
         for name in ("batch_size", "tokens_per_batch", "max_steps", "steps_per_call", "validation_interval",
-                     "checkpoint_every"):
+                     "checkpoint_every", "stream_threshold_bytes"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"TrainingConfig.{name} must be a positive integer, got {getattr(self, name)}.")
         if not 0 < self.learning_rate:
@@ -181,14 +189,29 @@ def _draw_batch(rng_key, rows, data_mask, mask_distribution, subsample, shard=la
     return shard(rows), shard(condition_mask), structure
 
 
+def _split_step_key(rng_key):
+    """(batch, mask, loss) keys of one step: shared by the device and the streamed paths."""
+    return jax.random.split(rng_key, 3)
+
+
+def batch_indices(rng_key, num_rows: int, batch_size: int, steps_per_call: int):
+    """The training rows of one call's steps, (steps_per_call, batch_size): the indices
+    ``train_fn`` draws itself when the data lives on the device."""
+    keys = jax.random.split(rng_key, steps_per_call)
+    return jax.vmap(lambda key: jax.random.randint(_split_step_key(key)[0], (batch_size,), 0, num_rows))(keys)
+
+
 def build_train_fn(loss_fn, optimizer, mask_distribution: ConditionMaskDistribution, data_mask, batch_size: int,
-                   ema_decay: float, steps_per_call: int, batch_sharding=None, subsample=None):
+                   ema_decay: float, steps_per_call: int, batch_sharding=None, subsample=None,
+                   streamed: bool = False):
     """``train_fn(state, rng_key, data) -> (state, losses)``: ``steps_per_call`` steps, jitted.
 
     ``data`` is (num_train, num_tokens) in z-space; it is an argument, not a constant, so
-    the compiled function does not embed the training set. With ``batch_sharding`` (a
-    ``NamedSharding`` over a ``"data"`` axis) each batch is split over the devices and
-    ``jit`` all-reduces the gradients. With ``subsample`` (a
+    the compiled function does not embed the training set. With ``streamed``, ``data`` is
+    instead the call's own batches, (steps_per_call, batch_size, num_tokens), gathered on
+    the host at :func:`batch_indices` (the rows the device path would draw). With
+    ``batch_sharding`` (a ``NamedSharding`` over a ``"data"`` axis) each batch is split over
+    the devices and ``jit`` all-reduces the gradients. With ``subsample`` (a
     :class:`~numpyro_simformer.variable.Subsampler`) each example is a random subset of
     its row along the variable-size dims, and ``data_mask`` is over the subset's tokens.
     """
@@ -196,11 +219,13 @@ def build_train_fn(loss_fn, optimizer, mask_distribution: ConditionMaskDistribut
     shard = (lambda x: x) if batch_sharding is None else (
         lambda x: jax.lax.with_sharding_constraint(x, batch_sharding))
 
-    def step(carry, rng_key):
+    def step(carry, inputs):
         state, data = carry
-        key_batch, key_mask, key_loss = jax.random.split(rng_key, 3)
-        index = jax.random.randint(key_batch, (batch_size,), 0, data.shape[0])
-        batch, condition_mask, structure = _draw_batch(key_mask, data[index], data_mask, mask_distribution,
+        rng_key, rows = inputs if streamed else (inputs, None)
+        key_batch, key_mask, key_loss = _split_step_key(rng_key)
+        if rows is None:
+            rows = data[jax.random.randint(key_batch, (batch_size,), 0, data.shape[0])]
+        batch, condition_mask, structure = _draw_batch(key_mask, rows, data_mask, mask_distribution,
                                                        subsample, shard)
         loss, grads = jax.value_and_grad(loss_fn)(state.params, key_loss, batch, condition_mask, structure)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -211,10 +236,40 @@ def build_train_fn(loss_fn, optimizer, mask_distribution: ConditionMaskDistribut
 
     @jax.jit
     def train_fn(state, rng_key, data):
-        (state, _), losses = jax.lax.scan(step, (state, data), jax.random.split(rng_key, steps_per_call))
+        keys = jax.random.split(rng_key, steps_per_call)
+        if streamed:
+            (state, _), losses = jax.lax.scan(step, (state, None), (keys, data))
+        else:
+            (state, _), losses = jax.lax.scan(step, (state, data), keys)
         return state, losses
 
     return train_fn
+
+
+def _host_stream(train_data: np.ndarray, batch_size: int, steps_per_call: int, parallel=None):
+    """``call_key -> batches`` for streamed training: rows gathered from host memory.
+
+    The indices come from :func:`batch_indices` (a small jitted function on the host's
+    CPU), so the batches are the rows the device path draws from the same keys. With
+    ``parallel`` each batch arrives split over the devices (batch axis on ``"data"``).
+    """
+    cpu = jax.devices("cpu")[0]
+    indices = jax.jit(batch_indices, static_argnums=(1, 2, 3))
+    sharding = None
+    if parallel is not None:
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        sharding = NamedSharding(parallel.mesh, PartitionSpec(None, "data"))
+
+    def call_data(rng_key):
+        index = np.asarray(indices(jax.device_put(rng_key, cpu), train_data.shape[0], batch_size, steps_per_call))
+        batches = train_data[index]
+        if sharding is None:
+            return jax.device_put(batches)
+        # Each process puts only its own devices' slices (every process holds the same batches).
+        return jax.make_array_from_callback(batches.shape, sharding, lambda slices: batches[slices])
+
+    return call_data
 
 
 def _validation_fn(loss_fn, mask_distribution, data_mask, rng_key, validation_data, subsample=None):
@@ -252,7 +307,10 @@ def train(rng_key, loss_fn, params, data, data_mask, config: TrainingConfig,
     num_validation = min(num_validation, 4096)
     order = np.asarray(jax.random.permutation(key_split, num))
     validation_data = jnp.asarray(data[order[:num_validation]])
-    train_data = jnp.asarray(data[order[num_validation:]])
+    train_data = np.asarray(data)[order[num_validation:]]
+    streamed = config.stream_data
+    if streamed is None:
+        streamed = train_data.nbytes > config.stream_threshold_bytes
 
     parallel = resolve_devices(config.data_parallel)
     num_tokens = data.shape[1] if subsample is None else subsample.template.num_tokens
@@ -265,11 +323,14 @@ def train(rng_key, loss_fn, params, data, data_mask, config: TrainingConfig,
                 "data_parallel=False."
             )
         params = jax.device_put(params, parallel.replicated)
-        train_data = jax.device_put(train_data, parallel.replicated)
+    if not streamed:
+        train_data = jax.device_put(train_data, None if parallel is None else parallel.replicated)
     optimizer = build_optimizer(config)
     train_fn = build_train_fn(loss_fn, optimizer, mask_distribution, data_mask, batch_size,
                               config.ema_decay, config.steps_per_call,
-                              None if parallel is None else parallel.batch, subsample)
+                              None if parallel is None else parallel.batch, subsample, streamed)
+    call_data = (lambda key: train_data) if not streamed else _host_stream(
+        train_data, batch_size, config.steps_per_call, None if parallel is None else parallel)
     evaluate = (_validation_fn(loss_fn, mask_distribution, data_mask, key_validation, validation_data, subsample)
                 if num_validation > 0 else None)
     state = TrainState(params, params, optimizer.init(params), jnp.zeros((), jnp.int32))
@@ -305,7 +366,7 @@ def train(rng_key, loss_fn, params, data, data_mask, config: TrainingConfig,
     elapsed_before, start = loop.elapsed, _time.perf_counter()
     call_keys = jax.random.split(key_train, num_calls)
     for call in range(calls_done, num_calls):
-        state, losses = train_fn(state, call_keys[call], train_data)
+        state, losses = train_fn(state, call_keys[call], call_data(call_keys[call]))
         calls_done = call + 1
         recent.append(losses)
         if bar is not None:
