@@ -37,6 +37,9 @@ class ConditionMaskDistribution:
     bernoulli_rates: tuple[float, ...] = (0.3, 0.7)
 
     def __post_init__(self):
+        # Tuples, whatever sequence was given: the distribution is a static (hashed) jit argument.
+        for name in ("bernoulli", "bernoulli_rates"):
+            object.__setattr__(self, name, tuple(float(v) for v in getattr(self, name)))
         weights = self.weights
         if len(self.bernoulli) != len(self.bernoulli_rates):
             raise ValueError(

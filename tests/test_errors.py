@@ -139,3 +139,14 @@ def test_bad_config_values():
         TrainingConfig(batch_size=0)
     with pytest.raises(ValueError, match="divisible by num_heads"):
         NetworkConfig(width=10, num_heads=3)
+
+
+def test_condition_mask_weights_accept_lists():
+    """Lists (e.g. read from JSON) work like tuples: the distribution is a hashed jit argument."""
+    from numpyro_simformer.masks import ConditionMaskDistribution
+
+    listed = ConditionMaskDistribution(bernoulli=[0.1, 0.3], bernoulli_rates=[0.3, 0.7])
+    assert listed == ConditionMaskDistribution(bernoulli=(0.1, 0.3), bernoulli_rates=(0.3, 0.7))
+    hash(listed)
+    with pytest.raises(ValueError, match="one weight per Bernoulli rate"):
+        ConditionMaskDistribution(bernoulli=[0.2], bernoulli_rates=[0.3, 0.7])
