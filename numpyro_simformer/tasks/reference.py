@@ -34,6 +34,7 @@ from numpyro import handlers
 from numpyro.diagnostics import effective_sample_size
 from numpyro.distributions import constraints
 from numpyro.infer import MCMC, NUTS, init_to_sample
+from numpyro.infer.util import initialize_model
 from numpyro.infer.reparam import Reparam
 from scipy import special, stats
 
@@ -145,7 +146,9 @@ def _elementwise_support(support, shape: tuple[int, ...], index: np.ndarray, sit
             "are tied together, so it can only be observed whole. Observe all of its elements or none."
         )
     leaves, treedef = jax.tree_util.tree_flatten(support)
-    leaves = [np.broadcast_to(np.asarray(leaf), shape).reshape(-1)[index] for leaf in leaves]
+    # jnp, not np: a support's bounds may be computed inside the traced model (a transformed
+    # distribution's codomain).
+    leaves = [jnp.broadcast_to(jnp.asarray(leaf), shape).reshape(-1)[index] for leaf in leaves]
     return constraints.independent(jax.tree_util.tree_unflatten(treedef, leaves), 1)
 
 
@@ -240,6 +243,7 @@ def nuts_reference_with_diagnostics(
     strict: bool = True,
     target_accept_prob: float = 0.9,
     dense_mass: bool = False,
+    init_candidates: int = 1,
     use_float64: bool = True,
     model_args: tuple = (),
     model_kwargs: Mapping | None = None,
@@ -250,6 +254,8 @@ def nuts_reference_with_diagnostics(
             f"num_samples, num_chains and thinning must be >= 1, got {num_samples}, {num_chains}, {thinning}."
         )
     model_kwargs = dict(model_kwargs or {})
+    if init_candidates < 1:
+        raise ValueError(f"init_candidates must be >= 1, got {init_candidates}.")
     key_trace, key_mcmc, key_reflect, key_shuffle = jax.random.split(rng_key, 4)
     with jax.enable_x64(True) if use_float64 else contextlib.nullcontext():
         trace = handlers.trace(handlers.seed(model, key_trace)).get_trace(*model_args, **model_kwargs)
@@ -281,7 +287,17 @@ def nuts_reference_with_diagnostics(
             chain_method="vectorized",
             progress_bar=False,
         )
-        mcmc.run(key_mcmc, *model_args, extra_fields=("diverging",), **model_kwargs)
+        init_params = None
+        if init_candidates > 1:  # each chain starts at one of the most probable of many prior draws
+            key_init, key_mcmc = jax.random.split(key_mcmc)
+            candidates = initialize_model(
+                jax.random.split(key_init, init_candidates * num_chains), conditioned,
+                init_strategy=functools.partial(_init_strategy), model_args=model_args, model_kwargs=model_kwargs,
+            ).param_info
+            energy = np.nan_to_num(np.asarray(candidates.potential_energy), nan=np.inf)
+            best = np.argsort(energy)[:num_chains]
+            init_params = jax.tree.map(lambda value: value[best], candidates.z)
+        mcmc.run(key_mcmc, *model_args, init_params=init_params, extra_fields=("diverging",), **model_kwargs)
         raw = jax.device_get(mcmc.get_samples(group_by_chain=True))
         num_divergences = int(np.sum(mcmc.get_extra_fields()["diverging"]))
 
@@ -378,6 +394,11 @@ def nuts_reference(
         strict: raise :class:`ReferenceNotConvergedError` when not converged (default);
             ``False`` warns with :class:`ReferenceConvergenceWarning` instead.
         target_accept_prob, dense_mass: NUTS settings.
+        init_candidates: draw ``init_candidates * num_chains`` initial points from the
+            prior and start the chains at the ``num_chains`` most probable (default 1:
+            each chain at its own prior draw). For posteriors with poor local optima (an
+            ODE fitted to a few points of an oscillation), where chains started anywhere
+            stay stuck; R-hat still checks that the chains agree.
         use_float64: run in float64 (a scoped ``jax.enable_x64``; default True).
         model_args, model_kwargs: passed to the model.
 
