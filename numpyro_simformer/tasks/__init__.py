@@ -13,6 +13,7 @@ two_moons           sbibm ``two_moons``                   exact (closed form and
 slcp                sbibm ``slcp``                        NUTS, folding its 4 sign modes
 tree                none                                  exact, grid belief propagation
 hmm                 none                                  exact, grid forward-backward
+lotka_volterra      none                                  NUTS on the model (ODE in diffrax)
 =================== ===================================== ==================================
 
 sbibm's files are downloaded once (see :mod:`numpyro_simformer.tasks.sbibm_data`).
@@ -44,6 +45,7 @@ from numpyro_simformer.tasks.reference import (
 )
 from numpyro_simformer.tasks.sbibm_data import SbibmDataUnavailableError, ensure_sbibm_files, sbibm_cache_dir
 from numpyro_simformer.tasks.task import Task, random_condition_masks
+from numpyro_simformer.tasks.timeseries import lotka_volterra
 
 __all__ = [
     "Task",
@@ -56,6 +58,7 @@ __all__ = [
     "slcp",
     "tree",
     "hmm",
+    "lotka_volterra",
     "Reflection",
     "nuts_reference",
     "nuts_reference_with_diagnostics",
