@@ -286,6 +286,11 @@ def test_nuts_reference_partial_transformed_site_with_best_of_prior_inits(rng_ke
     std = np.sqrt(np.sum(weights * (grid - mean) ** 2))
     _assert_matches_gaussian(draws["theta"][:, 1:], np.array([mean]), np.array([std]), diagnostics.min_bulk_ess)
     _assert_matches_gaussian(draws["x"][:, :1], np.array([2.0]), np.array([0.2]), diagnostics.min_bulk_ess)
+    # The transformed site observed whole, the data partly: x[0] | θ[0] = 2 is N(2, 0.2).
+    draws, diagnostics = nuts_reference_with_diagnostics(rng_key, model, {"theta": np.array([2.0, 2.2]), "x": observed["x"]},
+                                                         2000, num_warmup=300, init_candidates=4)
+    assert diagnostics.converged and set(draws) == {"x"}
+    _assert_matches_gaussian(draws["x"][:, :1], np.array([2.0]), np.array([0.2]), diagnostics.min_bulk_ess)
     with pytest.raises(ValueError, match="init_candidates"):
         nuts_reference(rng_key, model, observed, 10, init_candidates=0)
 

@@ -260,7 +260,9 @@ def nuts_reference_with_diagnostics(
     with jax.enable_x64(True) if use_float64 else contextlib.nullcontext():
         trace = handlers.trace(handlers.seed(model, key_trace)).get_trace(*model_args, **model_kwargs)
         observed = _validate_observed(trace, observed)
-        full = {name: value for name, value in observed.items() if not np.any(np.isnan(value))}
+        # jax arrays, not numpy: a numpy value checked against a support whose bounds are traced
+        # inside the model (a transformed distribution's codomain) fails in numpyro's validation.
+        full = {name: jnp.asarray(value) for name, value in observed.items() if not np.any(np.isnan(value))}
         partial = {
             name: _PartialObservation(value, np.flatnonzero(np.isnan(value).reshape(-1)))
             for name, value in observed.items()
