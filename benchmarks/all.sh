@@ -23,6 +23,11 @@ $PY benchmarks/run.py --name posterior --tasks linear_gaussian --budgets $BUDGET
 $PY benchmarks/run.py --name random --tasks tree hmm --budgets $BUDGETS --attention undirected \
     --conditionals random --num-conditionals 20 --mlp-early-stopping
 
+# Lotka–Volterra (10 fixed times per species): 10 random conditionals, NUTS references
+# (cached under benchmarks/results/reference_cache/, so both budgets share them).
+$PY benchmarks/run.py --name lotka_volterra --tasks lotka_volterra --budgets $BUDGETS --attention undirected \
+    --conditionals random --num-conditionals 10 --mlp-early-stopping --num-samples 5000 --num-c2st-samples 5000
+
 # NPE baseline (flowjax MAF, sbi defaults) on the same tasks, budgets and observations.
 $PY benchmarks/npe.py --name npe --tasks linear_gaussian gaussian_mixture two_moons slcp --budgets $BUDGETS \
     --observations 1 2 3 --mlp-early-stopping-min-dim 8

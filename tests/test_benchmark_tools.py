@@ -94,6 +94,9 @@ def test_plot_with_no_results_shows_paper_curves(tmp_path):
     plot = _load("plot")
     empty = tmp_path / "empty"
     empty.mkdir()
-    fig = plot.make_figure(plot.load_rows(empty), plot.paper_table(), ["rf"])
-    assert len(fig.axes) == 8  # 4 posterior tasks + 4 random-conditional tasks of the paper
+    paper = plot.paper_table()
+    fig = plot.make_figure(plot.load_rows(empty), paper, ["rf"])
+    cells = {(key[0], key[2] if len(key) > 2 else "posterior") for key in paper}
+    assert len(cells) == 9  # 4 posterior tasks + 5 random-conditional tasks (Lotka–Volterra's too)
+    assert len(fig.axes) == len(cells)
     assert any("paper (RF)" in text for ax in fig.axes for text in ax.get_legend_handles_labels()[1])
