@@ -247,13 +247,13 @@ class Simformer:
         key_read, key_simulate, key_train = jax.random.split(rng_key, 3)
         self._read_model(key_read, model_args, model_kwargs)
         start = _time.perf_counter()
-        simulations = simulate(
+        draws, info = simulate(
             key_simulate, self.model, self.num_simulations, self.layout.site_names, model_args, model_kwargs,
             chunk_size=self.simulation_chunk_size, progress_bar=self.progress_bar,
             data_parallel=resolve_devices(self.training_config.data_parallel),
         )
         self.simulation_time = _time.perf_counter() - start
-        self._fit_draws(key_train, *simulations)  # no reference kept here: the draws are freed once tokenised
+        self._fit_draws(key_train, draws, info)
         return self
 
     def fit_simulations(self, rng_key, simulations: Mapping[str, np.ndarray], *model_args, **model_kwargs) -> "Simformer":
@@ -303,14 +303,12 @@ class Simformer:
                 stacklevel=3,
             )
         tokens = np.asarray(self.layout.flatten(draws), dtype=np.float32)
-        del draws  # copies of the training set cost host memory in proportion to the simulations
         self.transform = fit_token_transform(self.layout, tokens, self._supports,
                                              pool_nodes=self.variable_dims is not None)
         data = np.asarray(jax.jit(self.transform.to_z)(tokens))
-        del tokens
         finite = np.all(np.isfinite(data), axis=1)
+        data = data[finite]
         if not finite.all():  # on a support's boundary: counted as invalid (transforms.py warns)
-            data = data[finite]
             self.simulation_info = info._replace(num_valid=int(finite.sum()),
                                                  num_invalid=info.num_invalid + int((~finite).sum()))
         key_init, key_train = jax.random.split(rng_key)

@@ -272,40 +272,12 @@ def _host_stream(train_data: np.ndarray, batch_size: int, steps_per_call: int, p
     return call_data
 
 
-def _validation_fn(loss_fn, mask_distribution, data_mask, rng_key, validation_data, chunk_size: int,
-                   subsample=None):
-    """``evaluate(params) -> loss`` on the held-out rows, with masks and noise fixed once.
-
-    The rows are scored ``chunk_size`` at a time (full chunks under one ``lax.map``, the
-    remainder in one more call), so validation needs a training batch's memory whatever
-    the size of the validation set; the result is the mean over all rows.
-    """
+def _validation_fn(loss_fn, mask_distribution, data_mask, rng_key, validation_data, subsample=None):
     key_mask, key_loss = jax.random.split(rng_key)
-    num = validation_data.shape[0]
-    chunk_size = max(1, min(chunk_size, num))
-    num_full, remainder = divmod(num, chunk_size)
-    draw = jax.jit(_draw_batch, static_argnums=(3, 4))
-    data_mask = jnp.asarray(data_mask)
-
-    def chunk_inputs(index, rows):
-        batch, masks, structure = draw(jax.random.fold_in(key_mask, index), rows, data_mask, mask_distribution,
-                                       subsample)
-        return jax.random.fold_in(key_loss, index), batch, masks, structure
-
-    full = [chunk_inputs(index, validation_data[index * chunk_size:(index + 1) * chunk_size])
-            for index in range(num_full)]
-    full = jax.tree.map(lambda *parts: jnp.stack(parts), *full)
-    rest = chunk_inputs(num_full, validation_data[num_full * chunk_size:]) if remainder else None
-
-    @jax.jit
-    def evaluate(params, full, rest):  # the chunks are arguments: not constants in the program
-        means = jax.lax.map(lambda inputs: loss_fn(params, *inputs), full)
-        total = jnp.sum(means) * chunk_size
-        if rest is not None:
-            total = total + loss_fn(params, *rest) * remainder
-        return total / num
-
-    return lambda params: evaluate(params, full, rest)
+    batch, masks, structure = jax.jit(_draw_batch, static_argnums=(3, 4))(
+        key_mask, validation_data, jnp.asarray(data_mask), mask_distribution, subsample)
+    evaluate = jax.jit(lambda params: loss_fn(params, key_loss, batch, masks, structure))
+    return evaluate
 
 
 def train(rng_key, loss_fn, params, data, data_mask, config: TrainingConfig,
@@ -359,8 +331,8 @@ def train(rng_key, loss_fn, params, data, data_mask, config: TrainingConfig,
                               None if parallel is None else parallel.batch, subsample, streamed)
     call_data = (lambda key: train_data) if not streamed else _host_stream(
         train_data, batch_size, config.steps_per_call, None if parallel is None else parallel)
-    evaluate = (_validation_fn(loss_fn, mask_distribution, data_mask, key_validation, validation_data, batch_size,
-                               subsample) if num_validation > 0 else None)
+    evaluate = (_validation_fn(loss_fn, mask_distribution, data_mask, key_validation, validation_data, subsample)
+                if num_validation > 0 else None)
     state = TrainState(params, params, optimizer.init(params), jnp.zeros((), jnp.int32))
 
     interval = max(config.validation_interval // config.steps_per_call, 1)

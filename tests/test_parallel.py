@@ -84,34 +84,3 @@ def test_streamed_training_equals_device_resident():
     np.testing.assert_allclose(resident.history.validation_loss, streamed.history.validation_loss, rtol=1e-5)
     leaves = zip(jax.tree.leaves(resident.params), jax.tree.leaves(streamed.params))
     assert all(np.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in leaves)
-
-
-def test_validation_in_chunks_is_the_mean_over_all_rows():
-    """Validation scores its rows a batch at a time (bounded memory); the result must weigh
-    the last, shorter chunk by its size. Checked against the chunks scored one by one."""
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-
-    from numpyro_simformer.masks import ConditionMaskDistribution
-    from numpyro_simformer.train import _draw_batch, _validation_fn
-
-    def loss_fn(params, rng_key, x0, condition_mask, structure=None):  # depends on every input
-        noise = jax.random.normal(rng_key, x0.shape)
-        return jnp.mean((params * x0 + noise) ** 2 * (1.0 + condition_mask))
-
-    data = jax.random.normal(jax.random.key(1), (23, 4))
-    data_mask = np.array([False, False, True, True])
-    distribution = ConditionMaskDistribution()
-    key = jax.random.key(2)
-    key_mask, key_loss = jax.random.split(key)
-    for chunk_size in (5, 23, 100):
-        evaluate = _validation_fn(loss_fn, distribution, data_mask, key, data, chunk_size)
-        size = min(chunk_size, 23)
-        total = 0.0
-        for index, start in enumerate(range(0, 23, size)):
-            rows = data[start:start + size]
-            batch, masks, _ = _draw_batch(jax.random.fold_in(key_mask, index), rows, jnp.asarray(data_mask),
-                                          distribution, None)
-            total += float(loss_fn(1.5, jax.random.fold_in(key_loss, index), batch, masks)) * rows.shape[0]
-        np.testing.assert_allclose(float(evaluate(1.5)), total / 23, rtol=1e-5)
