@@ -10,7 +10,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-__all__ = ["noise_example", "example_loss", "build_batch_loss_fn", "network_input"]
+__all__ = [
+    "noise_example", "example_loss", "build_example_losses_fn", "batch_loss", "build_batch_loss_fn", "network_input",
+]
 
 
 def network_input(sde, values, time, condition_mask):
@@ -39,20 +41,37 @@ def example_loss(predicted_noise, noise, condition_mask):
     return jnp.sum(jnp.where(latent, (predicted_noise - noise) ** 2, 0.0)) / latent.size
 
 
-def build_batch_loss_fn(denoiser_fn, sde):
-    """``loss_fn(params, rng_key, x0, condition_mask, structure=None) -> scalar`` over a batch.
+def build_example_losses_fn(denoiser_fn, sde):
+    """``losses(params, keys, x0, condition_mask, structure=None) -> (batch,)``: one loss per example.
 
+    ``keys`` holds one key per example (its time and noise), so a batch scored in pieces
+    with the matching pieces of ``keys`` gives the losses of the whole batch scored at once.
     ``structure``: optional per-example ``(coordinates, attention_mask, present)`` passed
     to the denoiser (training on random subsets of variable-size dims).
     """
 
-    def loss_fn(params, rng_key, x0, condition_mask, structure=None):
-        keys = jax.random.split(rng_key, x0.shape[0])
+    def losses(params, keys, x0, condition_mask, structure=None):
         x_t, time, noise = jax.vmap(lambda key, x, mask: noise_example(key, sde, x, mask))(
             keys, x0, condition_mask
         )
         extra = {} if structure is None else dict(zip(("coordinates", "attention_mask", "present"), structure))
         predicted = denoiser_fn(params, network_input(sde, x_t, time, condition_mask), time, condition_mask, **extra)
-        return jnp.mean(jax.vmap(example_loss)(predicted, noise, condition_mask))
+        return jax.vmap(example_loss)(predicted, noise, condition_mask)
+
+    return losses
+
+
+def batch_loss(example_losses_fn):
+    """``loss_fn(params, rng_key, x0, condition_mask, structure=None) -> scalar``: the
+    batch mean of ``example_losses_fn``, one key per example split from ``rng_key``."""
+
+    def loss_fn(params, rng_key, x0, condition_mask, structure=None):
+        keys = jax.random.split(rng_key, x0.shape[0])
+        return jnp.mean(example_losses_fn(params, keys, x0, condition_mask, structure))
 
     return loss_fn
+
+
+def build_batch_loss_fn(denoiser_fn, sde):
+    """``loss_fn(params, rng_key, x0, condition_mask, structure=None) -> scalar`` over a batch."""
+    return batch_loss(build_example_losses_fn(denoiser_fn, sde))

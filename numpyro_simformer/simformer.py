@@ -27,7 +27,7 @@ from flax import nnx
 from numpyro_simformer import __version__
 from numpyro_simformer.convert import to_datatree
 from numpyro_simformer.layout import TokenLayout
-from numpyro_simformer.loss import build_batch_loss_fn
+from numpyro_simformer.loss import build_example_losses_fn
 from numpyro_simformer.masks import ConditionMaskDistribution
 from numpyro_simformer.parallel import resolve_devices
 from numpyro_simformer.nn import NetworkConfig, SimformerNetwork, build_denoiser_fn
@@ -247,13 +247,13 @@ class Simformer:
         key_read, key_simulate, key_train = jax.random.split(rng_key, 3)
         self._read_model(key_read, model_args, model_kwargs)
         start = _time.perf_counter()
-        draws, info = simulate(
+        simulations = simulate(
             key_simulate, self.model, self.num_simulations, self.layout.site_names, model_args, model_kwargs,
             chunk_size=self.simulation_chunk_size, progress_bar=self.progress_bar,
             data_parallel=resolve_devices(self.training_config.data_parallel),
         )
         self.simulation_time = _time.perf_counter() - start
-        self._fit_draws(key_train, draws, info)
+        self._fit_draws(key_train, *simulations)  # no reference kept here: the draws are freed once tokenised
         return self
 
     def fit_simulations(self, rng_key, simulations: Mapping[str, np.ndarray], *model_args, **model_kwargs) -> "Simformer":
@@ -303,12 +303,14 @@ class Simformer:
                 stacklevel=3,
             )
         tokens = np.asarray(self.layout.flatten(draws), dtype=np.float32)
+        del draws  # copies of the training set cost host memory in proportion to the simulations
         self.transform = fit_token_transform(self.layout, tokens, self._supports,
                                              pool_nodes=self.variable_dims is not None)
         data = np.asarray(jax.jit(self.transform.to_z)(tokens))
+        del tokens
         finite = np.all(np.isfinite(data), axis=1)
-        data = data[finite]
         if not finite.all():  # on a support's boundary: counted as invalid (transforms.py warns)
+            data = data[finite]
             self.simulation_info = info._replace(num_valid=int(finite.sum()),
                                                  num_invalid=info.num_invalid + int((~finite).sum()))
         key_init, key_train = jax.random.split(rng_key)
@@ -328,10 +330,10 @@ class Simformer:
             subsample = Subsampler.build(self.layout, self.variable_dims, self.attention_mask, self.points_per_dim)
             data_mask = self._token_data_mask(subsample.template)
             denoiser_fn = functools.partial(self._denoiser_fn, node_ids=jnp.asarray(subsample.template.node_ids))
-        loss_fn = build_batch_loss_fn(denoiser_fn, self.sde)
+        example_losses_fn = build_example_losses_fn(denoiser_fn, self.sde)
         start = _time.perf_counter()
         self.params, self.history = train(
-            key_train, loss_fn, params, data, data_mask, self.training_config, self.condition_masks,
+            key_train, example_losses_fn, params, data, data_mask, self.training_config, self.condition_masks,
             progress_bar=self.progress_bar,
             checkpoint_tag=repr((self.layout.labels, self.network_config, self.sde,
                                  np.packbits(self.attention_mask).tobytes(), self.points_per_dim)),

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from numpyro_simformer.loss import batch_loss
 from numpyro_simformer.masks import ConditionMaskDistribution, sample_condition_mask
 from numpyro_simformer.parallel import resolve_devices
 
@@ -272,15 +273,36 @@ def _host_stream(train_data: np.ndarray, batch_size: int, steps_per_call: int, p
     return call_data
 
 
-def _validation_fn(loss_fn, mask_distribution, data_mask, rng_key, validation_data, subsample=None):
+def _validation_fn(example_losses_fn, mask_distribution, data_mask, rng_key, validation_data, chunk_size: int,
+                   subsample=None):
+    """``evaluate(params) -> loss`` on the held-out rows, with masks and noise fixed once.
+
+    The masks and the per-example keys are drawn for all rows at once, exactly as one
+    batch of ``validation_data`` would draw them; only the network's forward pass runs
+    ``chunk_size`` rows at a time (under one ``lax.map``), so validation needs a training
+    batch's activation memory whatever the size of the validation set, and its value is
+    that of the one-pass loss up to the order of the final sum.
+    """
     key_mask, key_loss = jax.random.split(rng_key)
     batch, masks, structure = jax.jit(_draw_batch, static_argnums=(3, 4))(
         key_mask, validation_data, jnp.asarray(data_mask), mask_distribution, subsample)
-    evaluate = jax.jit(lambda params: loss_fn(params, key_loss, batch, masks, structure))
-    return evaluate
+    num = batch.shape[0]
+    keys = jax.random.split(key_loss, num)
+    chunk_size = max(1, min(chunk_size, num))
+    num_chunks = -(-num // chunk_size)
+    # Pad to whole chunks by repeating the last row; the padded losses are dropped.
+    index = jnp.minimum(jnp.arange(num_chunks * chunk_size), num - 1).reshape(num_chunks, chunk_size)
+    chunks = jax.tree.map(lambda leaf: leaf[index], (keys, batch, masks, structure))
+
+    @jax.jit
+    def evaluate(params, chunks):  # the chunks are an argument: not constants in the program
+        losses = jax.lax.map(lambda inputs: example_losses_fn(params, *inputs), chunks)
+        return jnp.mean(losses.reshape(-1)[:num])
+
+    return lambda params: evaluate(params, chunks)
 
 
-def train(rng_key, loss_fn, params, data, data_mask, config: TrainingConfig,
+def train(rng_key, example_losses_fn, params, data, data_mask, config: TrainingConfig,
           mask_distribution: ConditionMaskDistribution, *, progress_bar: bool = True,
           checkpoint_tag: str = "", subsample=None):
     """Train ``params`` on ``data`` (num_simulations, num_tokens) in z-space.
@@ -291,8 +313,11 @@ def train(rng_key, loss_fn, params, data, data_mask, config: TrainingConfig,
     one an uninterrupted call returns.
 
     Args:
+        example_losses_fn: ``(params, keys, x0, condition_mask, structure) -> (batch,)``,
+            one loss per example (:func:`~numpyro_simformer.loss.build_example_losses_fn`);
+            training minimises its batch mean.
         checkpoint_tag: a string that identifies everything else the run depends on (the
-            model and network, which ``loss_fn`` hides); part of the run's fingerprint.
+            model and network, which ``example_losses_fn`` hides); part of the run's fingerprint.
         subsample: optional :class:`~numpyro_simformer.variable.Subsampler`: train on random
             subsets of each row along its variable-size dims (``data_mask`` is then over
             the subset's tokens).
@@ -326,13 +351,13 @@ def train(rng_key, loss_fn, params, data, data_mask, config: TrainingConfig,
     if not streamed:
         train_data = jax.device_put(train_data, None if parallel is None else parallel.replicated)
     optimizer = build_optimizer(config)
-    train_fn = build_train_fn(loss_fn, optimizer, mask_distribution, data_mask, batch_size,
+    train_fn = build_train_fn(batch_loss(example_losses_fn), optimizer, mask_distribution, data_mask, batch_size,
                               config.ema_decay, config.steps_per_call,
                               None if parallel is None else parallel.batch, subsample, streamed)
     call_data = (lambda key: train_data) if not streamed else _host_stream(
         train_data, batch_size, config.steps_per_call, None if parallel is None else parallel)
-    evaluate = (_validation_fn(loss_fn, mask_distribution, data_mask, key_validation, validation_data, subsample)
-                if num_validation > 0 else None)
+    evaluate = (_validation_fn(example_losses_fn, mask_distribution, data_mask, key_validation, validation_data,
+                               batch_size, subsample) if num_validation > 0 else None)
     state = TrainState(params, params, optimizer.init(params), jnp.zeros((), jnp.int32))
 
     interval = max(config.validation_interval // config.steps_per_call, 1)

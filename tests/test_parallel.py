@@ -84,3 +84,33 @@ def test_streamed_training_equals_device_resident():
     np.testing.assert_allclose(resident.history.validation_loss, streamed.history.validation_loss, rtol=1e-5)
     leaves = zip(jax.tree.leaves(resident.params), jax.tree.leaves(streamed.params))
     assert all(np.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in leaves)
+
+
+def test_validation_in_chunks_equals_the_one_pass_loss():
+    """Validation runs the network a batch at a time (bounded memory) but must score the same
+    masks and noise as one pass over all rows: chunking may not change which weights win.
+    Checked against the one-pass batch loss, for chunks that divide the rows and chunks that
+    leave a shorter last one."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from numpyro_simformer.loss import batch_loss
+    from numpyro_simformer.masks import ConditionMaskDistribution
+    from numpyro_simformer.train import _draw_batch, _validation_fn
+
+    def example_losses(params, keys, x0, condition_mask, structure=None):  # depends on every input
+        noise = jax.vmap(lambda key, x: jax.random.normal(key, x.shape))(keys, x0)
+        return jnp.mean((params * x0 + noise) ** 2 * (1.0 + condition_mask), axis=1)
+
+    data = jax.random.normal(jax.random.key(1), (23, 4))
+    data_mask = np.array([False, False, True, True])
+    distribution = ConditionMaskDistribution()
+    key = jax.random.key(2)
+    key_mask, key_loss = jax.random.split(key)
+    batch, masks, _ = _draw_batch(key_mask, data, jnp.asarray(data_mask), distribution, None)
+    one_pass = float(batch_loss(example_losses)(1.5, key_loss, batch, masks))
+    values = {chunk_size: float(_validation_fn(example_losses, distribution, data_mask, key, data, chunk_size)(1.5))
+              for chunk_size in (1, 5, 23, 100)}
+    for chunk_size, value in values.items():
+        np.testing.assert_allclose(value, one_pass, rtol=1e-6, err_msg=f"chunk_size={chunk_size}")
