@@ -116,14 +116,15 @@ def single_run(args) -> list[dict]:
     import jax
     import numpy as np
 
-    from numpyro_simformer import Simformer
+    from numpyro_simformer import Simformer, TrainingConfig
     from numpyro_simformer.diagnostics import c2st
     from numpyro_simformer import tasks as task_module
 
     task = getattr(task_module, args.task)()
     key_fit, key_queries, key_sample = jax.random.split(jax.random.key(args.seed), 3)
     sf = Simformer(task.model, num_simulations=args.num_simulations, attention=args.attention_kind,
-                   token_sites=list(task.token_sites), exclude_sites=list(task.exclude_sites), progress_bar=False)
+                   token_sites=list(task.token_sites), exclude_sites=list(task.exclude_sites), progress_bar=False,
+                   training=TrainingConfig() if args.max_steps is None else TrainingConfig(max_steps=args.max_steps))
     sf.fit(key_fit)
     rows = []
     for index, (query, observed, reference) in enumerate(_queries(task, args, key_queries)):
@@ -212,6 +213,9 @@ def main():
     parser.add_argument("--skip-mlp", action="store_true", help="random-forest C2ST only (fast)")
     parser.add_argument("--mlp-early-stopping", action="store_true",
                         help="MLP C2ST with validation early stopping (fast; agrees with exact in >= 10-d)")
+    parser.add_argument("--max-steps", type=int, default=None,
+                        help="training steps at most (default: the library's TrainingConfig default); use a "
+                             "separate --name, since a finished run is recognised by task, budget, mask and seed")
     parser.add_argument("--single", nargs=4, metavar=("TASK", "BUDGET", "ATTENTION", "SEED"), help=argparse.SUPPRESS)
     args = parser.parse_args()
 

@@ -253,7 +253,7 @@ class Simformer:
             data_parallel=resolve_devices(self.training_config.data_parallel),
         )
         self.simulation_time = _time.perf_counter() - start
-        self._fit_draws(key_train, *simulations)  # no reference kept here: the draws are freed once tokenised
+        self._fit_draws(key_train, *simulations)
         return self
 
     def fit_simulations(self, rng_key, simulations: Mapping[str, np.ndarray], *model_args, **model_kwargs) -> "Simformer":
@@ -303,7 +303,9 @@ class Simformer:
                 stacklevel=3,
             )
         tokens = np.asarray(self.layout.flatten(draws), dtype=np.float32)
-        del draws  # copies of the training set cost host memory in proportion to the simulations
+        # Emptied (the callers' dicts too) so that the draws are freed once tokenised: each
+        # copy of the simulations costs host memory in proportion to their number.
+        draws.clear()
         self.transform = fit_token_transform(self.layout, tokens, self._supports,
                                              pool_nodes=self.variable_dims is not None)
         data = np.asarray(jax.jit(self.transform.to_z)(tokens))

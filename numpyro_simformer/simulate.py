@@ -53,6 +53,8 @@ def filter_finite(draws: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], 
     for name in names:
         value = np.asarray(draws[name]).reshape(num, -1)
         finite &= np.all(np.isfinite(value), axis=1)
+    if finite.all():  # the common case: no copy of the simulations
+        return {name: np.asarray(value) for name, value in draws.items()}, finite
     return {name: np.asarray(value)[finite] for name, value in draws.items()}, finite
 
 
@@ -96,7 +98,7 @@ def simulate(
     keys = jax.random.split(rng_key, num_simulations)
     vectorized = True
     draw_chunk = jax.jit(jax.vmap(draw))
-    chunks = []
+    draws = None  # filled chunk by chunk: the host holds one copy of the simulations, not two
     starts = range(0, num_simulations, chunk_size)
     if progress_bar:
         from tqdm.auto import tqdm
@@ -104,10 +106,10 @@ def simulate(
         starts = tqdm(starts, desc="simulating", unit="chunk")
     for start in starts:
         chunk_keys = keys[start : start + chunk_size]
+        chunk = None
         if vectorized:
             try:
-                chunks.append(_draw_chunk(draw_chunk, chunk_keys, data_parallel))
-                continue
+                chunk = _draw_chunk(draw_chunk, chunk_keys, data_parallel)
             except (jax.errors.ConcretizationTypeError, jax.errors.TracerBoolConversionError,
                     jax.errors.TracerArrayConversionError, jax.errors.TracerIntegerConversionError):
                 vectorized = False
@@ -117,9 +119,13 @@ def simulate(
                     "`jnp.where`/`lax.cond` in the model to make it vectorizable.",
                     stacklevel=2,
                 )
-        single = [jax.device_get(draw(key)) for key in chunk_keys]
-        chunks.append({name: np.stack([s[name] for s in single]) for name in site_names})
-    draws = {name: np.concatenate([np.asarray(c[name]) for c in chunks]) for name in site_names}
+        if chunk is None:
+            single = [jax.device_get(draw(key)) for key in chunk_keys]
+            chunk = {name: np.stack([s[name] for s in single]) for name in site_names}
+        if draws is None:
+            draws = {name: np.empty((num_simulations, *np.shape(chunk[name])[1:]), np.float32) for name in site_names}
+        for name in site_names:
+            draws[name][start : start + chunk_keys.shape[0]] = chunk[name]
     draws, finite = filter_finite(draws)
     info = SimulationInfo(num_simulations, int(finite.sum()), int((~finite).sum()), vectorized)
     return draws, info

@@ -207,8 +207,9 @@ def build_train_fn(loss_fn, optimizer, mask_distribution: ConditionMaskDistribut
                    streamed: bool = False):
     """``train_fn(state, rng_key, data) -> (state, losses)``: ``steps_per_call`` steps, jitted.
 
-    ``data`` is (num_train, num_tokens) in z-space; it is an argument, not a constant, so
-    the compiled function does not embed the training set. With ``streamed``, ``data`` is
+    ``data`` is ``(table, train_rows)``: all simulations in z-space, (num, num_tokens), and
+    the indices of the training rows among them; an argument, not a constant, so the
+    compiled function does not embed the training set. With ``streamed``, ``data`` is
     instead the call's own batches, (steps_per_call, batch_size, num_tokens), gathered on
     the host at :func:`batch_indices` (the rows the device path would draw). With
     ``batch_sharding`` (a ``NamedSharding`` over a ``"data"`` axis) each batch is split over
@@ -225,7 +226,8 @@ def build_train_fn(loss_fn, optimizer, mask_distribution: ConditionMaskDistribut
         rng_key, rows = inputs if streamed else (inputs, None)
         key_batch, key_mask, key_loss = _split_step_key(rng_key)
         if rows is None:
-            rows = data[jax.random.randint(key_batch, (batch_size,), 0, data.shape[0])]
+            table, train_rows = data
+            rows = table[train_rows[jax.random.randint(key_batch, (batch_size,), 0, train_rows.shape[0])]]
         batch, condition_mask, structure = _draw_batch(key_mask, rows, data_mask, mask_distribution,
                                                        subsample, shard)
         loss, grads = jax.value_and_grad(loss_fn)(state.params, key_loss, batch, condition_mask, structure)
@@ -247,8 +249,9 @@ def build_train_fn(loss_fn, optimizer, mask_distribution: ConditionMaskDistribut
     return train_fn
 
 
-def _host_stream(train_data: np.ndarray, batch_size: int, steps_per_call: int, parallel=None):
-    """``call_key -> batches`` for streamed training: rows gathered from host memory.
+def _host_stream(data: np.ndarray, train_rows: np.ndarray, batch_size: int, steps_per_call: int, parallel=None):
+    """``call_key -> batches`` for streamed training: rows ``data[train_rows[...]]`` gathered
+    from host memory.
 
     The indices come from :func:`batch_indices` (a small jitted function on the host's
     CPU), so the batches are the rows the device path draws from the same keys. With
@@ -263,8 +266,8 @@ def _host_stream(train_data: np.ndarray, batch_size: int, steps_per_call: int, p
         sharding = NamedSharding(parallel.mesh, PartitionSpec(None, "data"))
 
     def call_data(rng_key):
-        index = np.asarray(indices(jax.device_put(rng_key, cpu), train_data.shape[0], batch_size, steps_per_call))
-        batches = train_data[index]
+        index = np.asarray(indices(jax.device_put(rng_key, cpu), train_rows.shape[0], batch_size, steps_per_call))
+        batches = data[train_rows[index]]
         if sharding is None:
             return jax.device_put(batches)
         # Each process puts only its own devices' slices (every process holds the same batches).
@@ -327,15 +330,18 @@ def train(rng_key, example_losses_fn, params, data, data_mask, config: TrainingC
         last ones when there is no validation set) and a :class:`TrainingHistory`.
     """
     key_split, key_validation, key_train = jax.random.split(rng_key, 3)
+    data = np.asarray(data)
     num = data.shape[0]
     num_validation = int(round(num * config.validation_fraction))
     num_validation = min(num_validation, 4096)
     order = np.asarray(jax.random.permutation(key_split, num))
     validation_data = jnp.asarray(data[order[:num_validation]])
-    train_data = np.asarray(data)[order[num_validation:]]
+    # The training rows are indices into ``data``, not a copy of it: the simulations sit in
+    # memory once whatever their number.
+    train_rows = order[num_validation:].astype(np.int32)
     streamed = config.stream_data
     if streamed is None:
-        streamed = train_data.nbytes > config.stream_threshold_bytes
+        streamed = data.nbytes > config.stream_threshold_bytes
 
     parallel = resolve_devices(config.data_parallel)
     num_tokens = data.shape[1] if subsample is None else subsample.template.num_tokens
@@ -349,13 +355,13 @@ def train(rng_key, example_losses_fn, params, data, data_mask, config: TrainingC
             )
         params = jax.device_put(params, parallel.replicated)
     if not streamed:
-        train_data = jax.device_put(train_data, None if parallel is None else parallel.replicated)
+        train_data = jax.device_put((data, train_rows), None if parallel is None else parallel.replicated)
     optimizer = build_optimizer(config)
     train_fn = build_train_fn(batch_loss(example_losses_fn), optimizer, mask_distribution, data_mask, batch_size,
                               config.ema_decay, config.steps_per_call,
                               None if parallel is None else parallel.batch, subsample, streamed)
     call_data = (lambda key: train_data) if not streamed else _host_stream(
-        train_data, batch_size, config.steps_per_call, None if parallel is None else parallel)
+        data, train_rows, batch_size, config.steps_per_call, None if parallel is None else parallel)
     evaluate = (_validation_fn(example_losses_fn, mask_distribution, data_mask, key_validation, validation_data,
                                batch_size, subsample) if num_validation > 0 else None)
     state = TrainState(params, params, optimizer.init(params), jnp.zeros((), jnp.int32))
