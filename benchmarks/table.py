@@ -125,11 +125,15 @@ def build_table(rows: list[dict], paper: dict) -> str:
         attention = group[0].get("attention", "") if group[0]["method"] == "simformer" else ""
         if attention == "dense" and _complete_graph(task):
             label += " (= undirected: complete graph)"
-        paper_rf = paper_value(paper, kind, task, attention, budget) if attention else None
+        paper_rf = _fmt(paper_value(paper, kind, task, attention, budget) if attention else None)
+        if attention and not paper_rf:  # the paper ran this task with the other mask only: say which
+            other = "dense" if attention == "undirected" else "undirected"
+            other_rf = paper_value(paper, kind, task, other, budget)
+            paper_rf = f"{_fmt(other_rf)} ({other})" if other_rf is not None else ""
         npe_group = npe.get((kind, task, budget), []) if label != "npe" else []
         lines.append(
             f"| {kind} | {task} | {budget:,} | {label} | {_fmt(mean(group, 'c2st_mlp'))} | {_early(group)} | "
-            f"{_fmt(mean(group, 'c2st_rf'))} | {_fmt(paper_rf)} | {_fmt(mean(npe_group, 'c2st_rf'))} | "
+            f"{_fmt(mean(group, 'c2st_rf'))} | {paper_rf} | {_fmt(mean(npe_group, 'c2st_rf'))} | "
             f"{_fmt(mean(npe_group, 'c2st_mlp'))} | {len(group)} | {_fmt(mean(group, 'training_s'), 0)} | "
             f"{_fmt(mean(group, 'steps'), 0)} | {_fmt(mean(group, 'sampling_s'), 1)} | "
             f"{_fmt(mean(group, 'peak_rss_mib'), 0)} | {source} |"
@@ -143,7 +147,8 @@ def build_table(rows: list[dict], paper: dict) -> str:
         "(0.5 = indistinguishable), averaged over the n queries (observations or random conditionals) and seeds. "
         "MLP = sbibm's definition; RF = sbi's random forest, which the paper's figures use. "
         "\"MLP early-stopped\" = sklearn validation early stopping (faster, less sensitive). "
-        "paper Simformer (RF) = the paper's figure for the same attention kind and budget; "
+        "paper Simformer (RF) = the paper's figure for the same attention kind and budget (the other "
+        "kind, named, where the paper ran only that one); "
         "NPE = `benchmarks/npe.py` at the same task and budget. "
         "\"= undirected: complete graph\": the task's moral graph links every pair of tokens (Two Moons, "
         "Gaussian Mixture), so its undirected mask is the dense mask and one run stands for both.",
