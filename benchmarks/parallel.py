@@ -40,13 +40,13 @@ def rss_mib(field):  # "VmRSS" (now) or "VmHWM" (peak since start or the last re
     return float("nan")
 
 training_memory = {}
-untimed_train = simformer_module.train
+library_train = simformer_module.train
 
 def measured_train(*args, **kwargs):  # the training loop alone: RSS on entry, peak inside
     training_memory["entry"] = rss_mib("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:  # resets VmHWM (Linux >= 4.0)
         f.write("5")
-    result = untimed_train(*args, **kwargs)
+    result = library_train(*args, **kwargs)
     training_memory["peak"] = rss_mib("VmHWM")
     return result
 

@@ -10,9 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-__all__ = [
-    "noise_example", "example_loss", "build_example_losses_fn", "batch_loss", "build_batch_loss_fn", "network_input",
-]
+__all__ = ["noise_example", "example_loss", "build_example_losses_fn", "batch_loss", "network_input"]
 
 
 def network_input(sde, values, time, condition_mask):
@@ -70,8 +68,3 @@ def batch_loss(example_losses_fn):
         return jnp.mean(example_losses_fn(params, keys, x0, condition_mask, structure))
 
     return loss_fn
-
-
-def build_batch_loss_fn(denoiser_fn, sde):
-    """``loss_fn(params, rng_key, x0, condition_mask, structure=None) -> scalar`` over a batch."""
-    return batch_loss(build_example_losses_fn(denoiser_fn, sde))
