@@ -31,7 +31,7 @@ REFERENCE_CACHE = RESULTS / "reference_cache"  # not committed (.gitignore)
 FIELDS = [
     "task", "num_simulations", "attention", "seed", "query", "c2st_mlp", "mlp_early_stopping", "c2st_rf", "num_c2st_samples",
     "training_s", "steps", "stopped_early", "sampling_s", "network_evaluations", "peak_rss_mib",
-    "simulations_invalid", "machine", "date",
+    "simulations_invalid", "settings", "machine", "date",
 ]
 
 # The paper's C2ST (random forest), read from the authors' figures; 1e3 / 1e4 / 1e5 simulations.
@@ -116,15 +116,18 @@ def single_run(args) -> list[dict]:
     import jax
     import numpy as np
 
-    from numpyro_simformer import Simformer, TrainingConfig
+    from numpyro_simformer import NetworkConfig, Simformer, TrainingConfig
     from numpyro_simformer.diagnostics import c2st
     from numpyro_simformer import tasks as task_module
 
     task = getattr(task_module, args.task)()
     key_fit, key_queries, key_sample = jax.random.split(jax.random.key(args.seed), 3)
+    training = dict(args.training)
+    if args.max_steps is not None:
+        training["max_steps"] = args.max_steps
     sf = Simformer(task.model, num_simulations=args.num_simulations, attention=args.attention_kind,
                    token_sites=list(task.token_sites), exclude_sites=list(task.exclude_sites), progress_bar=False,
-                   training=TrainingConfig() if args.max_steps is None else TrainingConfig(max_steps=args.max_steps))
+                   training=TrainingConfig(**training), network=NetworkConfig(**dict(args.network)))
     sf.fit(key_fit)
     rows = []
     for index, (query, observed, reference) in enumerate(_queries(task, args, key_queries)):
@@ -153,10 +156,52 @@ def single_run(args) -> list[dict]:
             "stopped_early": bool(sf.history.stopped_early), "sampling_s": round(sampling_s, 2),
             "network_evaluations": sf.sampler.network_evaluations,
             "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-            "simulations_invalid": sf.simulation_info.num_invalid, "machine": machine(),
+            "simulations_invalid": sf.simulation_info.num_invalid, "settings": settings_label(args),
+            "machine": machine(),
             "date": time.strftime("%Y-%m-%d"),
         })
     return rows
+
+
+def _setting(text: str) -> tuple[str, object]:
+    """``KEY=VALUE`` from the command line, the value read as a Python literal (or kept a string)."""
+    import ast
+
+    key, sep, value = text.partition("=")
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. batch_size=256), got {text!r}")
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key, value
+
+
+def settings_label(args) -> str:
+    """What the run changed from the library's defaults, e.g. ``training.batch_size=256``."""
+    changed = [f"training.{k}={v}" for k, v in args.training] + [f"network.{k}={v}" for k, v in args.network]
+    if args.max_steps is not None:
+        changed.append(f"training.max_steps={args.max_steps}")
+    return " ".join(changed) or "defaults"
+
+
+def _append(csv_path: Path, rows: list[dict]):
+    """Append rows; a file written before a column existed is rewritten with it (left blank)."""
+    old = []
+    if csv_path.exists():
+        with csv_path.open() as handle:
+            reader = csv.DictReader(handle)
+            if reader.fieldnames == FIELDS:
+                old = None
+            else:
+                old = list(reader)
+    if old is None:
+        with csv_path.open("a", newline="") as handle:
+            csv.DictWriter(handle, fieldnames=FIELDS).writerows(rows)
+        return
+    with csv_path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=FIELDS, restval="")
+        writer.writeheader()
+        writer.writerows(old + rows)
 
 
 def _done(path: Path) -> set[tuple]:
@@ -216,6 +261,11 @@ def main():
     parser.add_argument("--max-steps", type=int, default=None,
                         help="training steps at most (default: the library's TrainingConfig default); use a "
                              "separate --name, since a finished run is recognised by task, budget, mask and seed")
+    parser.add_argument("--training", nargs="+", type=_setting, default=[], metavar="KEY=VALUE",
+                        help="TrainingConfig fields to change (e.g. batch_size=256); recorded in the CSV's settings "
+                             "column; use a separate --name")
+    parser.add_argument("--network", nargs="+", type=_setting, default=[], metavar="KEY=VALUE",
+                        help="NetworkConfig fields to change (e.g. num_layers=4); as --training")
     parser.add_argument("--single", nargs=4, metavar=("TASK", "BUDGET", "ATTENTION", "SEED"), help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -248,12 +298,7 @@ def main():
             print(result.stderr[-3000:])
             raise SystemExit(f"run {task} {budget} {attention} {seed} failed")
         rows = json.loads(result.stdout.strip().splitlines()[-1])
-        new = not csv_path.exists()
-        with csv_path.open("a", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=FIELDS)
-            if new:
-                writer.writeheader()
-            writer.writerows(rows)
+        _append(csv_path, rows)
         summary = ", ".join(f"{r['query']}: {r['c2st_mlp']}/{r['c2st_rf']}" for r in rows)
         print(f"    {time.perf_counter() - start:.0f} s; C2ST MLP/RF {summary}", flush=True)
     table = write_markdown(csv_path, args.conditionals)

@@ -412,6 +412,7 @@ class TrainingCheckpointer:
                 stopped_early=bool(loop["stopped_early"]),
                 finished=bool(loop["finished"]),
                 elapsed=float(loop["elapsed"]),
+                plateau_reductions=int(loop["plateau_reductions"]),
             )
         except CheckpointError:
             raise
@@ -440,6 +441,7 @@ class TrainingCheckpointer:
             "stopped_early": bool(loop.stopped_early),
             "finished": bool(loop.finished),
             "elapsed": float(loop.elapsed),
+            "plateau_reductions": int(loop.plateau_reductions),
         }
         write_json(target / _TRAINING_STATE_FILE, record)
         for entry in self.directory.iterdir():  # older checkpoints and interrupted writes

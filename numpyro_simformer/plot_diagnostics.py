@@ -47,6 +47,13 @@ def plot_history(history, ax: Axes | None = None, *, log_scale: bool = False) ->
     ax.plot(step, np.asarray(history.validation_loss), marker=".", label="validation loss (EMA weights)")
     ax.axvline(int(history.best_step), color="0.5", linestyle="--", linewidth=1,
                label=f"best step ({int(history.best_step)})")
+    rate = getattr(history, "learning_rate", None)
+    if rate is not None:  # on a second axis: drops mark plateau reductions and the final decay
+        rate_ax = ax.twinx()
+        rate_ax.step(step, np.asarray(rate), where="post", color="0.6", linewidth=1, label="learning rate")
+        rate_ax.set_yscale("log")
+        rate_ax.set_ylabel("learning rate", color="0.4")
+        rate_ax.tick_params(axis="y", colors="0.4")
     if log_scale:
         ax.set_yscale("log")
     ax.set_xlabel("optimiser step")

@@ -105,3 +105,28 @@ def test_plot_with_no_results_shows_paper_curves(tmp_path):
     assert len(cells) == 9  # 4 posterior tasks + 5 random-conditional tasks (Lotka–Volterra's too)
     assert len(fig.axes) == len(cells)
     assert any("paper (RF)" in text for ax in fig.axes for text in ax.get_legend_handles_labels()[1])
+
+
+def test_runner_settings_and_appending_to_an_older_csv(tmp_path):
+    run = _load("run")
+    assert run._setting("batch_size=256") == ("batch_size", 256)
+    assert run._setting("learning_rate=3e-4") == ("learning_rate", 3e-4)
+    assert run._setting("checkpoint_dir=runs/a") == ("checkpoint_dir", "runs/a")
+    with pytest.raises(Exception, match="KEY=VALUE"):
+        run._setting("batch_size")
+    args = run.argparse.Namespace(training=[("batch_size", 256)], network=[("num_layers", 4)], max_steps=40_000)
+    assert run.settings_label(args) == "training.batch_size=256 network.num_layers=4 training.max_steps=40000"
+
+    # A CSV written before the settings column existed keeps its rows and gains the column.
+    path = tmp_path / "old.csv"
+    old_fields = [f for f in run.FIELDS if f != "settings"]
+    old_row = {f: "1" for f in old_fields}
+    _write(path, old_fields, [old_row])
+    new_row = {f: "2" for f in run.FIELDS}
+    run._append(path, [new_row])
+    run._append(path, [new_row])
+    with path.open() as handle:
+        reader = csv.DictReader(handle)
+        rows = list(reader)
+    assert reader.fieldnames == run.FIELDS
+    assert [r["settings"] for r in rows] == ["", "2", "2"] and rows[0]["task"] == "1"
