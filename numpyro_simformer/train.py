@@ -79,7 +79,7 @@ class TrainingConfig:
 
     batch_size: int | None = None
     tokens_per_batch: int = 1024
-    max_steps: int = 20_000
+    max_steps: int = 60_000
     learning_rate: float = 1e-3
     warmup_steps: int = 200
     decay_fraction: float = 0.2
