@@ -52,6 +52,9 @@ def load_rows(results_dir: Path) -> list[dict]:
                 row["label"] = f"{row['method']} {attention}".strip() if row["method"] == "simformer" else row["method"]
                 if row.get("sampler"):  # a results file comparing samplers: keep them apart
                     row["label"] += f" {row['sampler']}"
+                settings = row.get("settings") or ""
+                if settings and not settings.startswith("defaults"):  # a run that changed the defaults says how
+                    row["label"] += f" ({settings})"
                 row["kind"] = "random" if str(row.get("query", "")).startswith("random") else "posterior"
                 row["num_simulations"] = int(row["num_simulations"])
                 rows.append(row)

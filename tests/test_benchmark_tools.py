@@ -130,3 +130,8 @@ def test_runner_settings_and_appending_to_an_older_csv(tmp_path):
         rows = list(reader)
     assert reader.fieldnames == run.FIELDS
     assert [r["settings"] for r in rows] == ["", "2", "2"] and rows[0]["task"] == "1"
+
+    # The combined table names a run's changed settings; default runs keep the plain label.
+    table = _load("table")
+    labels = {r["settings"]: r["label"] for r in table.load_rows(tmp_path) if r["source"] == "old.csv"}
+    assert labels["2"] == "simformer 2 (2)" and labels[""] == "simformer 1"
