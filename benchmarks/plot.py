@@ -76,8 +76,8 @@ def make_figure(rows: list[dict], paper: dict, metrics: list[str]):
                 low = [m - min(series[b]) for m, b in zip(means, budgets)]
                 high = [max(series[b]) - m for m, b in zip(means, budgets)]
                 name = label if len(labels_per_file[label]) == 1 else f"{label} ({Path(source).stem})"
-                base = label.split(" (")[0]  # a run with changed settings: its method's colour, square markers
-                changed = base != label
+                base = next(r["base_label"] for r in subset if r["label"] == label)
+                changed = base != label  # a run with changed settings: its method's colour, square markers
                 ax.errorbar(budgets, means, yerr=[low, high], marker="s" if changed else "o", ms=5 if changed else 4,
                             capsize=2, color=COLORS.get(base), mfc="white" if changed else None, label=name)
             if metric == "rf" or metrics == ["mlp"]:

@@ -186,15 +186,12 @@ def settings_label(args) -> str:
 
 def _append(csv_path: Path, rows: list[dict]):
     """Append rows; a file written before a column existed is rewritten with it (left blank)."""
-    old = []
+    old, header = [], None
     if csv_path.exists():
         with csv_path.open() as handle:
             reader = csv.DictReader(handle)
-            if reader.fieldnames == FIELDS:
-                old = None
-            else:
-                old = list(reader)
-    if old is None:
+            old, header = list(reader), reader.fieldnames
+    if header == FIELDS:
         with csv_path.open("a", newline="") as handle:
             csv.DictWriter(handle, fieldnames=FIELDS).writerows(rows)
         return

@@ -34,7 +34,8 @@ def paper_table() -> dict:
 
 
 def load_rows(results_dir: Path) -> list[dict]:
-    """All rows of all CSVs under ``results_dir``, each with ``source``, ``method``, ``label``, ``kind``.
+    """All rows of all CSVs under ``results_dir``, each with ``source``, ``method``, ``label``,
+    ``base_label`` (the label without changed settings) and ``kind``.
 
     ``method`` is "npe" for NPE rows and "simformer" for run.py's rows; ``label`` adds the
     attention kind ("simformer dense") and a ``sampler`` column where a file has one;
@@ -52,6 +53,7 @@ def load_rows(results_dir: Path) -> list[dict]:
                 row["label"] = f"{row['method']} {attention}".strip() if row["method"] == "simformer" else row["method"]
                 if row.get("sampler"):  # a results file comparing samplers: keep them apart
                     row["label"] += f" {row['sampler']}"
+                row["base_label"] = row["label"]  # without the settings: the method's colour in the plot
                 settings = row.get("settings") or ""
                 if settings and not settings.startswith("defaults"):  # a run that changed the defaults says how
                     row["label"] += f" ({settings})"

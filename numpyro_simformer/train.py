@@ -22,7 +22,10 @@ from numpyro_simformer.loss import batch_loss
 from numpyro_simformer.masks import ConditionMaskDistribution, sample_condition_mask
 from numpyro_simformer.parallel import resolve_devices
 
-__all__ = ["TrainingConfig", "TrainState", "TrainingHistory", "LoopState", "build_schedule", "build_optimizer", "build_train_fn", "train"]
+__all__ = [
+    "TrainingConfig", "TrainState", "TrainingHistory", "LoopState", "build_schedule", "build_optimizer",
+    "build_train_fn", "train",
+]
 
 
 @dataclass(frozen=True)
@@ -101,7 +104,7 @@ class TrainingConfig:
 
     def __post_init__(self):
         for name in ("batch_size", "tokens_per_batch", "max_steps", "steps_per_call", "validation_interval",
-                     "checkpoint_every", "stream_threshold_bytes"):
+                     "checkpoint_every", "stream_threshold_bytes", "patience", "plateau_patience"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"TrainingConfig.{name} must be a positive integer, got {getattr(self, name)}.")
         if not 0 < self.learning_rate:
@@ -116,9 +119,6 @@ class TrainingConfig:
             raise ValueError(f"TrainingConfig.decay_fraction must lie in [0, 1], got {self.decay_fraction}.")
         if not 0 < self.plateau_factor < 1:
             raise ValueError(f"TrainingConfig.plateau_factor must lie in (0, 1), got {self.plateau_factor}.")
-        for name in ("patience", "plateau_patience"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"TrainingConfig.{name} must be a positive integer or None, got {getattr(self, name)}.")
         if self.max_plateau_reductions < 0:
             raise ValueError(
                 f"TrainingConfig.max_plateau_reductions must be >= 0, got {self.max_plateau_reductions}."
