@@ -208,26 +208,31 @@ def _done(path: Path) -> set[tuple]:
         return {(r["task"], int(r["num_simulations"]), r["attention"], int(r["seed"])) for r in csv.DictReader(handle)}
 
 
-def write_markdown(csv_path: Path, conditionals: str) -> Path:
-    """Mean C2ST per (task, budget, attention) with the paper's number beside it."""
+def write_markdown(csv_path: Path) -> Path:
+    """Mean C2ST per (task, budget, attention, queries) with the paper's number beside it.
+
+    A file may hold posterior and random-conditional rows of one task (six_layers.csv does):
+    each row's kind comes from its query name, so each group gets its own paper number.
+    """
     import numpy as np
 
     with csv_path.open() as handle:
         rows = list(csv.DictReader(handle))
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
-        groups.setdefault((row["task"], int(row["num_simulations"]), row["attention"]), []).append(row)
+        kind = "random" if row["query"].startswith("random") else "posterior"
+        groups.setdefault((row["task"], int(row["num_simulations"]), row["attention"], kind), []).append(row)
     lines = [
-        f"| task | simulations | attention | C2ST MLP (sbibm) | MLP early-stopped | C2ST RF | paper (RF) | "
+        f"| task | simulations | attention | conditionals | C2ST MLP (sbibm) | MLP early-stopped | C2ST RF | paper (RF) | "
         "C2ST samples per side | queries | training s | steps | sampling s / query | peak RSS MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for (task, budget, attention), group in sorted(groups.items()):
+    for (task, budget, attention, kind), group in sorted(groups.items()):
         mean = lambda key: np.mean([float(r[key]) for r in group if r[key] != ""]) if any(r[key] != "" for r in group) else float("nan")
-        paper_key = (task, attention, "random") if conditionals == "random" else (task, attention)
+        paper_key = (task, attention, "random") if kind == "random" else (task, attention)
         paper = PAPER.get(paper_key, {}).get(budget)
         lines.append(
-            f"| {task} | {budget:,} | {attention} | {mean('c2st_mlp'):.3f} | "
+            f"| {task} | {budget:,} | {attention} | {kind} | {mean('c2st_mlp'):.3f} | "
             f"{group[0].get('mlp_early_stopping', '')} | {mean('c2st_rf'):.3f} | "
             f"{'' if paper is None else f'{paper:.3f}'} | {group[0]['num_c2st_samples']} | {len(group)} | "
             f"{mean('training_s'):.0f} | "
@@ -298,7 +303,7 @@ def main():
         _append(csv_path, rows)
         summary = ", ".join(f"{r['query']}: {r['c2st_mlp']}/{r['c2st_rf']}" for r in rows)
         print(f"    {time.perf_counter() - start:.0f} s; C2ST MLP/RF {summary}", flush=True)
-    table = write_markdown(csv_path, args.conditionals)
+    table = write_markdown(csv_path)
     print(table.read_text())
 
 

@@ -135,3 +135,20 @@ def test_runner_settings_and_appending_to_an_older_csv(tmp_path):
     table = _load("table")
     labels = {r["settings"]: r["label"] for r in table.load_rows(tmp_path) if r["source"] == "old.csv"}
     assert labels["2"] == "simformer 2 (2)" and labels[""] == "simformer 1"
+
+
+def test_runner_markdown_gives_posterior_and_random_rows_of_one_task_their_own_paper_numbers(tmp_path):
+    run = _load("run")
+    path = tmp_path / "mixed.csv"
+    base = {f: "" for f in run.FIELDS}
+    base.update(task="slcp", num_simulations="10000", attention="undirected", seed="0", num_c2st_samples="10000",
+                training_s="1", steps="1", sampling_s="1", peak_rss_mib="1", machine="test")
+    rows = [dict(base, query="observation 1", c2st_rf="0.6"), dict(base, query="random 0", c2st_rf="0.7"),
+            dict(base, query="random 1", c2st_rf="0.8")]
+    _write(path, run.FIELDS, rows)
+    lines = run.write_markdown(path).read_text().splitlines()
+    posterior = next(line for line in lines if "| posterior |" in line)
+    random = next(line for line in lines if "| random |" in line)
+    paper = run.PAPER
+    assert f"| 0.600 | {paper[('slcp', 'undirected')][10_000]:.3f} |" in posterior
+    assert f"| 0.750 | {paper[('slcp', 'undirected', 'random')][10_000]:.3f} |" in random
