@@ -22,6 +22,11 @@ $PY benchmarks/run.py --name posterior --tasks linear_gaussian --budgets $BUDGET
 $PY benchmarks/run.py --name six_layers --tasks linear_gaussian gaussian_mixture two_moons slcp --budgets 10000 \
     --attention dense undirected --observations 1 2 3 --mlp-early-stopping --network num_layers=6
 
+# The HMM's random conditionals with 6 layers: its joint and full posterior need the chain's
+# long-range structure, which 3 graph-masked layers do not reach.
+$PY benchmarks/run.py --name six_layers --tasks hmm --budgets 10000 --attention undirected \
+    --conditionals random --num-conditionals 20 --mlp-early-stopping --network num_layers=6
+
 # Simformer on 20 random conditionals (the paper's mixture of joint, posterior, likelihood and
 # Bernoulli masks) of the structured tasks, with their exact grid references.
 $PY benchmarks/run.py --name random --tasks tree hmm --budgets $BUDGETS --attention undirected \
