@@ -53,6 +53,16 @@ PAPER = {
 }
 
 
+def query_kind(query: str) -> str:
+    """"random" for a random-conditional query ("random 3"), else "posterior" ("observation 1")."""
+    return "random" if str(query).startswith("random") else "posterior"
+
+
+def paper_key(kind: str, task: str, attention: str) -> tuple:
+    """The key of ``PAPER`` for a task's posterior or random-conditional curve under one mask."""
+    return (task, attention, "random") if kind == "random" else (task, attention)
+
+
 def machine() -> str:
     return f"{platform.machine()} {os.cpu_count()} cores, {platform.python_version()}"
 
@@ -209,7 +219,7 @@ def _done(path: Path) -> set[tuple]:
 
 
 def write_markdown(csv_path: Path) -> Path:
-    """Mean C2ST per (task, budget, attention, queries) with the paper's number beside it.
+    """Mean C2ST per (task, budget, attention, kind of query) with the paper's number beside it.
 
     A file may hold posterior and random-conditional rows of one task (six_layers.csv does):
     each row's kind comes from its query name, so each group gets its own paper number.
@@ -220,8 +230,8 @@ def write_markdown(csv_path: Path) -> Path:
         rows = list(csv.DictReader(handle))
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
-        kind = "random" if row["query"].startswith("random") else "posterior"
-        groups.setdefault((row["task"], int(row["num_simulations"]), row["attention"], kind), []).append(row)
+        key = (row["task"], int(row["num_simulations"]), row["attention"], query_kind(row["query"]))
+        groups.setdefault(key, []).append(row)
     lines = [
         f"| task | simulations | attention | conditionals | C2ST MLP (sbibm) | MLP early-stopped | C2ST RF | paper (RF) | "
         "C2ST samples per side | queries | training s | steps | sampling s / query | peak RSS MiB |",
@@ -229,8 +239,7 @@ def write_markdown(csv_path: Path) -> Path:
     ]
     for (task, budget, attention, kind), group in sorted(groups.items()):
         mean = lambda key: np.mean([float(r[key]) for r in group if r[key] != ""]) if any(r[key] != "" for r in group) else float("nan")
-        paper_key = (task, attention, "random") if kind == "random" else (task, attention)
-        paper = PAPER.get(paper_key, {}).get(budget)
+        paper = PAPER.get(paper_key(kind, task, attention), {}).get(budget)
         lines.append(
             f"| {task} | {budget:,} | {attention} | {kind} | {mean('c2st_mlp'):.3f} | "
             f"{group[0].get('mlp_early_stopping', '')} | {mean('c2st_rf'):.3f} | "

@@ -23,13 +23,13 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 OUT = HERE.parent / "docs" / "benchmarks-table.md"
 
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
+from run import PAPER, graph_is_complete, paper_key, query_kind  # noqa: E402
+
 
 def paper_table() -> dict:
-    """The paper's C2ST (RF) curves, from ``run.py``'s ``PAPER``."""
-    if str(HERE) not in sys.path:
-        sys.path.insert(0, str(HERE))
-    from run import PAPER
-
+    """The paper's C2ST (RF) curves, ``run.py``'s ``PAPER``."""
     return PAPER
 
 
@@ -57,7 +57,7 @@ def load_rows(results_dir: Path) -> list[dict]:
                 settings = row.get("settings") or ""
                 if settings and not settings.startswith("defaults"):  # a run that changed the defaults says how
                     row["label"] += f" ({settings})"
-                row["kind"] = "random" if str(row.get("query", "")).startswith("random") else "posterior"
+                row["kind"] = query_kind(row.get("query", ""))
                 row["num_simulations"] = int(row["num_simulations"])
                 rows.append(row)
     return rows
@@ -66,9 +66,6 @@ def load_rows(results_dir: Path) -> list[dict]:
 def _complete_graph(task: str, cache: dict = {}) -> bool:
     """Whether a task's moral graph is complete (its undirected mask is the dense one; see ``run.py``)."""
     if task not in cache:
-        paper_table()  # puts this folder on sys.path
-        from run import graph_is_complete
-
         from numpyro_simformer import tasks as task_module
 
         cache[task] = hasattr(task_module, task) and graph_is_complete(task)
@@ -95,8 +92,7 @@ def groups(rows: list[dict]) -> dict[tuple, list[dict]]:
 
 
 def paper_value(paper: dict, kind: str, task: str, attention: str, budget: int) -> float | None:
-    key = (task, attention, "random") if kind == "random" else (task, attention)
-    return paper.get(key, {}).get(budget)
+    return paper.get(paper_key(kind, task, attention), {}).get(budget)
 
 
 def _fmt(value: float, digits: int = 3) -> str:
