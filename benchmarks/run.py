@@ -64,7 +64,12 @@ def paper_key(kind: str, task: str, attention: str) -> tuple:
 
 
 def machine() -> str:
-    return f"{platform.machine()} {os.cpu_count()} cores, {platform.python_version()}"
+    """The host, and the accelerator when JAX runs on one (call it where the network ran)."""
+    import jax
+
+    device = jax.devices()[0]
+    accelerator = "" if device.platform == "cpu" else f", {jax.device_count()}x {device.device_kind}"
+    return f"{platform.machine()} {os.cpu_count()} cores{accelerator}, {platform.python_version()}"
 
 
 def graph_is_complete(task_name: str) -> bool:
