@@ -45,6 +45,32 @@ __all__ = ["Simformer"]
 _ATTENTION_KINDS = ("undirected", "dense", "directed")
 
 
+def _warn_sites_simulation_ignores(trace) -> None:
+    """Warn about ``obs=`` and ``numpyro.factor`` sites: forward simulation cannot honour them.
+
+    Simulation draws every site from its distribution in turn, so a site given with ``obs=``
+    (or by ``handlers.condition``) and a factor's log-weight change nothing in the draws: the
+    Simformer learns the joint of the other sites as if those terms were absent.
+    """
+    ignored = [name for name, site in trace.items() if site["type"] == "sample" and site["is_observed"]]
+    if not ignored:
+        return
+    factors = [name for name in ignored if type(trace[name]["fn"]).__name__ == "Unit"]
+    observed = [name for name in ignored if name not in factors]
+    found = " and ".join(part for part in (
+        f"observes site(s) {observed} (`obs=`)" if observed else "",
+        f"has factor site(s) {factors} (`numpyro.factor`)" if factors else "",
+    ) if part)
+    warnings.warn(
+        f"The model {found}. Simulation runs the model forward, drawing each site from its "
+        "distribution, so these terms do not shape the simulated joint: the Simformer learns the "
+        "model as if they were absent. To condition on such data, remove `obs=` from the model and "
+        "pass the values as `observed=` when sampling; a factor cannot be simulated forward, so "
+        "write what it encodes as a sample site or drop it.",
+        stacklevel=4,  # the user's call of `fit`
+    )
+
+
 class Simformer:
     """Simulation-based inference for a NumPyro model with one transformer for every conditional.
 
@@ -143,10 +169,12 @@ class Simformer:
         self._sample_fns = {}
 
     # ------------------------------------------------------------------ model reading
-    def _read_model(self, rng_key, model_args, model_kwargs):
+    def _read_model(self, rng_key, model_args, model_kwargs, simulating=False):
         key_first, key_second, key_graph = jax.random.split(rng_key, 3)
         first = trace_model(key_first, self.model, model_args, model_kwargs)
         sites = read_sites(first, self.token_sites, self.exclude_sites)
+        if simulating:
+            _warn_sites_simulation_ignores(first)
         second = trace_model(key_second, self.model, model_args, model_kwargs)
         self._supports = {
             site.name: constant_support(site, [site.support, second[site.name]["fn"].support]) for site in sites
@@ -245,7 +273,7 @@ class Simformer:
             ``self``, fitted.
         """
         key_read, key_simulate, key_train = jax.random.split(rng_key, 3)
-        self._read_model(key_read, model_args, model_kwargs)
+        self._read_model(key_read, model_args, model_kwargs, simulating=True)
         start = _time.perf_counter()
         simulations = simulate(
             key_simulate, self.model, self.num_simulations, self.layout.site_names, model_args, model_kwargs,

@@ -150,3 +150,30 @@ def test_condition_mask_weights_accept_lists():
     hash(listed)
     with pytest.raises(ValueError, match="one weight per Bernoulli rate"):
         ConditionMaskDistribution(bernoulli=[0.2], bernoulli_rates=[0.3, 0.7])
+
+
+@pytest.mark.parametrize(
+    "extra, names",
+    [
+        (lambda theta: numpyro.sample("y", dist.Normal(theta.sum(), 1.0), obs=0.3), r"observes site\(s\) \['y'\]"),
+        (lambda theta: numpyro.factor("penalty", -theta.sum() ** 2), r"has factor site\(s\) \['penalty'\]"),
+    ],
+    ids=["obs", "factor"],
+)
+def test_terms_forward_simulation_ignores_are_named_when_fitting(extra, names, rng_key):
+    def with_term():
+        theta = numpyro.sample("theta", dist.Normal(0.0, 1.0).expand([2]).to_event(1))
+        extra(theta)
+        numpyro.sample("x", dist.Normal(theta, 1.0).to_event(1))
+
+    with pytest.warns(UserWarning, match=names + r".*as if they were absent") as record:
+        Simformer(with_term, **TINY).fit(rng_key)
+    assert any(warning.filename == __file__ for warning in record)  # points at the user's `fit` call
+
+
+def test_plain_model_fits_without_a_warning_about_ignored_terms(rng_key):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        Simformer(model, **TINY).fit(rng_key)
