@@ -118,6 +118,19 @@ def _prior_draws(model: Callable, args: tuple, kwargs: dict, rng_key, num_draws:
     return record["sites"], record["types"], {k: np.asarray(v) for k, v in values.items()}
 
 
+def _finite_draws(draws: dict) -> dict:
+    """The draws whose every latent value is finite (a NaN draw fakes edges); all if none is."""
+    if not draws:
+        return draws
+    num = len(next(iter(draws.values())))
+    finite = np.ones(num, dtype=bool)
+    for value in draws.values():
+        finite &= np.all(np.isfinite(np.reshape(value, (num, -1))), axis=1)
+    if finite.all() or not finite.any():
+        return draws
+    return {name: value[finite] for name, value in draws.items()}
+
+
 def _collect_sites(trace: dict) -> list[_Site]:
     sites, offset = [], 0  # offset: running count of latent elements
     for name, msg in trace.items():
@@ -231,7 +244,8 @@ def _probe(model, args, kwargs, sites, draws: dict, rng_key, failed: dict) -> np
 
     def changed_fn(flat, discrete_values, delta):  # delta: (2, num_continuous)
         size = flat.shape[0]
-        moved = flat[None, None] + jnp.eye(size, dtype=dtype)[None] * delta[:, :, None]
+        # where, not a product: a non-finite step must not reach the other coordinates
+        moved = flat[None, None] + jnp.where(jnp.eye(size, dtype=bool)[None], delta[:, :, None], 0.0)
         rows = jnp.concatenate([flat[None], moved.reshape(2 * size, size)])
         if size > _MAX_ROWS:  # bound memory: vmap in chunks
             terms = jax.lax.map(lambda r: terms_fn(r, discrete_values), rows, batch_size=_MAX_ROWS)
@@ -509,6 +523,7 @@ def element_parents(
     rng_key = jax.random.key(0) if rng_key is None else rng_key
     key_draws, key_perturb, key_events = jax.random.split(rng_key, 3)
     sites, types, draws = _prior_draws(model, args, kwargs, key_draws, num_draws)
+    draws = _finite_draws(draws)
     tokens = _resolve_tokens(types, sites, token_sites, exclude_sites)
     by_name = {s.name: s for s in sites}
 

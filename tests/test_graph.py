@@ -1,5 +1,7 @@
 """Element-level dependency graphs against hand-derived ones, attention masks, and plotting."""
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -418,3 +420,18 @@ def test_dependency_matrix_is_exported_at_the_top_level():
     from numpyro_simformer import graph
 
     assert numpyro_simformer.dependency_matrix is graph.dependency_matrix
+
+
+def test_draws_with_nan_do_not_fake_edges_or_cycles():
+    # x's density is NaN wherever theta < 0; such a draw's NaN step once leaked into every
+    # coordinate, giving theta <- x and a "cyclic graph" warning
+    def sometimes_nan():
+        theta = numpyro.sample("theta", dist.Normal(0.0, 1.0).expand([2]).to_event(1))
+        numpyro.sample("x", dist.Normal(jnp.log(theta), 1.0).to_event(1))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        for seed in range(3):
+            labels, parents = element_parents(sometimes_nan, rng_key=jax.random.key(seed), num_draws=8)
+            assert labels == ["theta[0]", "theta[1]", "x[0]", "x[1]"]
+            np.testing.assert_array_equal(parents, [[0, 0, 0, 0], [0, 0, 0, 0], [1, 0, 0, 0], [0, 1, 0, 0]])
