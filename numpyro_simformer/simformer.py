@@ -25,6 +25,7 @@ import numpyro
 from flax import nnx
 
 from numpyro_simformer import __version__
+from numpyro_simformer._checks import check_rng_key
 from numpyro_simformer.convert import to_datatree
 from numpyro_simformer.layout import TokenLayout
 from numpyro_simformer.loss import build_example_losses_fn
@@ -272,6 +273,7 @@ class Simformer:
         Returns:
             ``self``, fitted.
         """
+        check_rng_key(rng_key, "Simformer.fit")
         key_read, key_simulate, key_train = jax.random.split(rng_key, 3)
         self._read_model(key_read, model_args, model_kwargs, simulating=True)
         start = _time.perf_counter()
@@ -293,6 +295,7 @@ class Simformer:
                 site. Rows with a NaN or inf are dropped and counted.
             *model_args, **model_kwargs: passed to the model (read for its sites and graph).
         """
+        check_rng_key(rng_key, "Simformer.fit_simulations")
         key_read, key_train = jax.random.split(rng_key)
         self._read_model(key_read, model_args, model_kwargs)
         if not isinstance(simulations, Mapping):
@@ -555,6 +558,7 @@ class Simformer:
             for a batch of observations. Observation ``i`` of a batch equals the unbatched
             query with key ``jax.random.fold_in(rng_key, i)``.
         """
+        check_rng_key(rng_key, "Simformer.sample")
         if not isinstance(num_samples, (int, np.integer)) or num_samples <= 0:
             raise ValueError(f"`num_samples` must be a positive integer, got {num_samples!r}.")
         if not isinstance(batch_size, (int, np.integer)) or batch_size <= 0:
@@ -624,6 +628,8 @@ class Simformer:
         from numpyro_simformer.density import ProbabilityFlowLogDensity, conditional_log_prob, points_to_tokens
 
         self._check_fitted("log_prob")
+        if rng_key is not None:
+            check_rng_key(rng_key, "Simformer.log_prob")
         density = ProbabilityFlowLogDensity() if density is None else density
         if not isinstance(density, ProbabilityFlowLogDensity):
             raise TypeError(f"`density` must be a ProbabilityFlowLogDensity, got {type(density).__name__}.")

@@ -177,3 +177,17 @@ def test_plain_model_fits_without_a_warning_about_ignored_terms(rng_key):
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         Simformer(model, **TINY).fit(rng_key)
+
+
+@pytest.mark.parametrize("bad_key", [0, np.zeros(3, np.uint32), jax.random.split(jax.random.key(0), 2)],
+                         ids=["int", "wrong-shape", "batch-of-keys"])
+def test_rng_key_that_is_not_one_key_is_named(fitted, bad_key):
+    with pytest.raises(TypeError, match=r"`Simformer.sample` takes one JAX PRNG key as `rng_key`"):
+        fitted.sample(bad_key, observed={"x": np.zeros(2)}, num_samples=4)
+    with pytest.raises(TypeError, match=r"`Simformer.fit` takes one JAX PRNG key"):
+        Simformer(model, **TINY).fit(bad_key)
+
+
+def test_legacy_raw_key_is_accepted(fitted):
+    tree = fitted.sample(jax.random.PRNGKey(0), observed={"x": np.zeros(2)}, num_samples=4)
+    assert tree.posterior["theta"].shape == (1, 4, 2)

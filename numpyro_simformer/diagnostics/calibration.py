@@ -42,6 +42,8 @@ import numpy as np
 import xarray as xr
 from scipy import stats
 
+from numpyro_simformer._checks import check_rng_key
+
 __all__ = ["sbc", "coverage", "uniformity_test", "rank_uniformity_pvalue"]
 
 PosteriorFn = Callable[[jax.Array, Mapping[str, np.ndarray], int], Mapping[str, np.ndarray]]
@@ -189,6 +191,7 @@ def sbc(
     model, sites = _sites_of(posterior, model, model_args, model_kwargs)
     observed_sites, target_sites = _choose_sites(posterior, sites, observed_sites, target_sites)
 
+    check_rng_key(rng_key, "sbc")
     key_simulate, key_posterior, key_ranks = jax.random.split(rng_key, 3)
     draws, info = simulate(key_simulate, model, num_simulations, observed_sites + target_sites, model_args, model_kwargs)
     num_valid = info.num_valid

@@ -23,6 +23,7 @@ from typing import Callable, Mapping
 import jax
 import numpy as np
 
+from numpyro_simformer._checks import check_rng_key
 from numpyro_simformer.layout import element_labels
 
 __all__ = ["MCMCCheck", "check_against_mcmc"]
@@ -151,6 +152,7 @@ def check_against_mcmc(
     sf._check_fitted("check_against_mcmc")
     if not isinstance(num_samples, (int, np.integer)) or num_samples < 10:
         raise ValueError(f"check_against_mcmc: `num_samples` must be an integer >= 10, got {num_samples!r}.")
+    check_rng_key(rng_key, "check_against_mcmc")
     key_simformer, key_nuts = jax.random.split(rng_key)
     tree = sf.sample(key_simformer, observed=observed, num_samples=num_samples)  # validates `observed`
     simformer_samples = {}

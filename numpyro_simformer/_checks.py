@@ -1,0 +1,24 @@
+"""Argument checks shared by the public entry points."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def check_rng_key(rng_key, caller: str) -> None:
+    """Raise a TypeError naming ``caller`` unless ``rng_key`` is one JAX PRNG key.
+
+    Typed keys (``jax.random.key``) and raw ``uint32[2]`` keys (``jax.random.PRNGKey``) pass.
+    """
+    dtype, shape = getattr(rng_key, "dtype", None), np.shape(rng_key) if hasattr(rng_key, "shape") else None
+    if dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key) and shape == ():
+        return
+    if dtype == np.uint32 and shape == (2,):
+        return
+    got = f"{type(rng_key).__name__} {rng_key!r}" if shape is None else f"{type(rng_key).__name__} of dtype {dtype} and shape {shape}"
+    raise TypeError(
+        f"`{caller}` takes one JAX PRNG key as `rng_key`, e.g. `jax.random.key(0)`; got {got}. "
+        "Split a key with `jax.random.split` for several calls."
+    )
