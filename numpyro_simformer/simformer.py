@@ -46,6 +46,19 @@ __all__ = ["Simformer"]
 _ATTENTION_KINDS = ("undirected", "dense", "directed")
 
 
+def _check_names_fit_datatree(sites) -> None:
+    """Answers are DataTrees, whose variable and dimension names cannot hold '/': say so before training."""
+    for site in sites:
+        bad = [name for name in (site.name, *site.dims) if "/" in name]
+        if bad:
+            kind = "site" if bad[0] == site.name else "plate"
+            raise ValueError(
+                f"The {kind} name {bad[0]!r} (site {site.name!r}) contains '/', which an xarray DataTree "
+                "cannot hold in a variable or dimension name (it separates groups). Rename it in the model, "
+                "e.g. with '_' instead of '/'."
+            )
+
+
 def _warn_sites_simulation_ignores(trace) -> None:
     """Warn about ``obs=`` and ``numpyro.factor`` sites: forward simulation cannot honour them.
 
@@ -174,6 +187,7 @@ class Simformer:
         key_first, key_second, key_graph = jax.random.split(rng_key, 3)
         first = trace_model(key_first, self.model, model_args, model_kwargs)
         sites = read_sites(first, self.token_sites, self.exclude_sites)
+        _check_names_fit_datatree(sites)
         if simulating:
             _warn_sites_simulation_ignores(first)
         second = trace_model(key_second, self.model, model_args, model_kwargs)

@@ -191,3 +191,14 @@ def test_rng_key_that_is_not_one_key_is_named(fitted, bad_key):
 def test_legacy_raw_key_is_accepted(fitted):
     tree = fitted.sample(jax.random.PRNGKey(0), observed={"x": np.zeros(2)}, num_samples=4)
     assert tree.posterior["theta"].shape == (1, 4, 2)
+
+
+@pytest.mark.parametrize("site, plate", [("x/obs", "n"), ("x", "obs/plate")])
+def test_slash_in_a_site_or_plate_name_is_refused_before_training(site, plate, rng_key):
+    def slashed():
+        theta = numpyro.sample("theta", dist.Normal(0.0, 1.0))
+        with numpyro.plate(plate, 3):
+            numpyro.sample(site, dist.Normal(theta, 1.0))
+
+    with pytest.raises(ValueError, match=f"name '{site if '/' in site else plate}'.*contains '/'"):
+        Simformer(slashed, **TINY).fit(rng_key)
