@@ -18,7 +18,7 @@ $PY benchmarks/run.py --name posterior --tasks gaussian_mixture two_moons slcp l
 # more seeds where the paper's number is close: the table averages them
 $PY benchmarks/run.py --name posterior --tasks two_moons --budgets 10000 --attention dense --seeds 1 2 \
     --observations 1 2 3 --mlp-early-stopping
-$PY benchmarks/run.py --name posterior --tasks gaussian_mixture --budgets 10000 --attention dense --seeds 1 \
+$PY benchmarks/run.py --name posterior --tasks gaussian_mixture --budgets 10000 --attention dense --seeds 1 2 \
     --observations 1 2 3 --mlp-early-stopping
 
 # The same with the paper's depth (6 layers instead of 3): what SLCP needs at 10,000 simulations.
