@@ -12,12 +12,12 @@ def check_rng_key(rng_key, caller: str) -> None:
 
     Typed keys (``jax.random.key``) and raw ``uint32[2]`` keys (``jax.random.PRNGKey``) pass.
     """
-    dtype, shape = getattr(rng_key, "dtype", None), np.shape(rng_key) if hasattr(rng_key, "shape") else None
-    if dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key) and shape == ():
+    dtype, shape = getattr(rng_key, "dtype", None), getattr(rng_key, "shape", None)
+    if dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key) and tuple(shape) == ():
         return
-    if dtype == np.uint32 and shape == (2,):
+    if dtype == np.uint32 and tuple(shape) == (2,):
         return
-    got = f"{type(rng_key).__name__} {rng_key!r}" if shape is None else f"{type(rng_key).__name__} of dtype {dtype} and shape {shape}"
+    got = repr(rng_key) if dtype is None else f"an array of dtype {dtype} and shape {tuple(shape)}"
     raise TypeError(
         f"`{caller}` takes one JAX PRNG key as `rng_key`, e.g. `jax.random.key(0)`; got {got}. "
         "Split a key with `jax.random.split` for several calls."
