@@ -27,6 +27,8 @@ $PY benchmarks/run.py --name six_layers --tasks linear_gaussian gaussian_mixture
 
 # The HMM's random conditionals with 6 layers: its joint and full posterior need the chain's
 # long-range structure, which 3 graph-masked layers do not reach.
+$PY benchmarks/run.py --name six_layers --tasks slcp --budgets 10000 --attention undirected --seeds 1 \
+    --observations 1 2 3 --mlp-early-stopping --network num_layers=6
 $PY benchmarks/run.py --name six_layers --tasks hmm --budgets 10000 --attention undirected \
     --conditionals random --num-conditionals 20 --mlp-early-stopping --network num_layers=6
 
