@@ -22,7 +22,7 @@ OUT = HERE.parent / "docs" / "images" / "benchmarks.png"
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
-from table import RESULTS, load_rows, paper_table  # noqa: E402
+from table import PAPER, RESULTS, load_rows  # noqa: E402
 
 METRICS = {"rf": ("c2st_rf", "C2ST (random forest)"), "mlp": ("c2st_mlp", "C2ST (MLP, sbibm)")}
 COLORS = {"simformer dense": "tab:blue", "simformer undirected": "tab:orange", "simformer directed": "tab:purple",
@@ -107,7 +107,7 @@ def make_figure(rows: list[dict], paper: dict, metrics: list[str]):
 
 def write_plot(results_dir: Path = RESULTS, out: Path = OUT, metric: str = "both") -> Path:
     metrics = ["rf", "mlp"] if metric == "both" else [metric]
-    fig = make_figure(load_rows(results_dir), paper_table(), metrics)
+    fig = make_figure(load_rows(results_dir), PAPER, metrics)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)

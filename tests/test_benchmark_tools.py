@@ -99,7 +99,7 @@ def test_plot_with_no_results_shows_paper_curves(tmp_path):
     plot = _load("plot")
     empty = tmp_path / "empty"
     empty.mkdir()
-    paper = plot.paper_table()
+    paper = plot.PAPER
     fig = plot.make_figure(plot.load_rows(empty), paper, ["rf"])
     cells = {(key[0], key[2] if len(key) > 2 else "posterior") for key in paper}
     assert len(cells) == 9  # 4 posterior tasks + 5 random-conditional tasks (Lotka–Volterra's too)
