@@ -37,7 +37,7 @@ from numpyro_simformer.samplers import EulerMaruyama, GuidedEulerMaruyama, build
 from numpyro_simformer.samplers.guidance import GaussianIntervalGuidance, IntervalBounds, build_interval_score_fn
 from numpyro_simformer.sde import VESDE
 from numpyro_simformer.simulate import SimulationInfo, filter_finite, simulate
-from numpyro_simformer.sites import read_sites, trace_model
+from numpyro_simformer.sites import is_factor, read_sites, trace_model
 from numpyro_simformer.train import TrainingConfig, train
 from numpyro_simformer.transforms import constant_support, fit_token_transform
 
@@ -69,7 +69,7 @@ def _warn_sites_simulation_ignores(trace) -> None:
     ignored = [name for name, site in trace.items() if site["type"] == "sample" and site["is_observed"]]
     if not ignored:
         return
-    factors = [name for name in ignored if type(trace[name]["fn"]).__name__ == "Unit"]
+    factors = [name for name in ignored if is_factor(trace[name])]
     observed = [name for name in ignored if name not in factors]
     found = " and ".join(part for part in (
         f"observes site(s) {observed} (`obs=`)" if observed else "",

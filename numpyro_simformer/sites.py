@@ -64,13 +64,18 @@ def trace_model(rng_key, model: Callable, model_args: tuple, model_kwargs: dict)
         ) from error
 
 
+def is_factor(site: dict) -> bool:
+    """Whether a trace entry is a ``numpyro.factor`` (a sample site of the ``Unit`` distribution)."""
+    return type(site["fn"]).__name__ == "Unit"
+
+
 def _is_token_candidate(site: dict) -> bool:
     return (
         site["type"] == "sample"
         and not site["is_observed"]
         and not site.get("infer", {}).get("is_auxiliary", False)
         and not getattr(site["fn"], "is_improper", False)
-        and type(site["fn"]).__name__ != "Unit"
+        and not is_factor(site)
     )
 
 
