@@ -108,3 +108,33 @@ def test_history_plot_draws_the_learning_rate():
     (rate_ax,) = [other for other in ax.figure.axes if other is not ax]
     np.testing.assert_allclose(rate_ax.lines[0].get_ydata(), history.learning_rate)
     assert rate_ax.get_ylabel() == "learning rate"
+
+
+def test_more_validation_draws_lower_the_spread_of_the_validation_loss():
+    """Each held-out row scored under 16 masks and noise draws: over validation keys the loss
+    spreads about 1/sqrt(16) as much as with one draw when the noise dominates (here the
+    rows' own spread is small), and its mean is the same expectation."""
+    def example_losses(params, keys, x0, condition_mask, structure=None):
+        noise = jax.vmap(lambda key, x: jax.random.normal(key, x.shape))(keys, x0)
+        return jnp.mean((params * x0 + noise) ** 2 * (1.0 + condition_mask), axis=1)
+
+    data = 0.1 * jax.random.normal(jax.random.key(1), (50, 4))
+    data_mask = np.array([False, False, True, True])
+    distribution = ConditionMaskDistribution()
+    values = {
+        draws: np.array([float(train_module._validation_fn(example_losses, distribution, data_mask,
+                                                           jax.random.key(seed), data, 64, draws=draws)(1.0))
+                         for seed in range(40)])
+        for draws in (1, 16)
+    }
+    ratio = values[16].std() / values[1].std()
+    # 1/4 expected; the ratio of two 40-sample stds is within about +-25 % of it.
+    assert 0.15 < ratio < 0.4, ratio
+    # Means agree within 4 standard errors of their difference.
+    error = np.sqrt(values[1].var() / 40 + values[16].var() / 40)
+    assert abs(values[1].mean() - values[16].mean()) < 4 * error
+
+
+def test_validation_draws_must_be_positive():
+    with pytest.raises(ValueError, match="validation_draws"):
+        TrainingConfig(validation_draws=0)
