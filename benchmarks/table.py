@@ -105,6 +105,17 @@ def _early(group: list[dict]) -> str:
     return "mixed"
 
 
+def _same_queries(npe_rows: list[dict], group: list[dict]) -> list[dict]:
+    """The NPE rows of the queries ``group`` answered (observations 1-3 beside a row over
+    1-3, 1-10 beside one over 1-10), one per (query, seed) where several files hold it."""
+    queries = {row["query"] for row in group}
+    chosen = {}
+    for row in npe_rows:
+        if row["query"] in queries:
+            chosen.setdefault((row["query"], row.get("seed")), row)
+    return list(chosen.values())
+
+
 def build_table(rows: list[dict], paper: dict) -> str:
     grouped = groups(rows)
     npe = {}
@@ -126,7 +137,7 @@ def build_table(rows: list[dict], paper: dict) -> str:
             other = "dense" if attention == "undirected" else "undirected"
             other_rf = paper_value(paper, kind, task, other, budget)
             paper_rf = f"{_fmt(other_rf)} ({other})" if other_rf is not None else ""
-        npe_group = npe.get((kind, task, budget), []) if label != "npe" else []
+        npe_group = _same_queries(npe.get((kind, task, budget), []), group) if label != "npe" else []
         lines.append(
             f"| {kind} | {task} | {budget:,} | {label} | {_fmt(mean(group, 'c2st_mlp'))} | {_early(group)} | "
             f"{_fmt(mean(group, 'c2st_rf'))} | {paper_rf} | {_fmt(mean(npe_group, 'c2st_rf'))} | "
@@ -145,7 +156,7 @@ def build_table(rows: list[dict], paper: dict) -> str:
         "\"MLP early-stopped\" = sklearn validation early stopping (faster, less sensitive). "
         "paper Simformer (RF) = the paper's figure for the same attention kind and budget (the other "
         "kind, named, where the paper ran only that one); "
-        "NPE = `benchmarks/npe.py` at the same task and budget. "
+        "NPE = `benchmarks/npe.py` at the same task and budget, on the same queries. "
         "\"= undirected: complete graph\": the task's moral graph links every pair of tokens (Two Moons, "
         "Gaussian Mixture), so its undirected mask is the dense mask and one run stands for both.",
         "",

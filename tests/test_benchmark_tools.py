@@ -152,3 +152,20 @@ def test_runner_markdown_gives_posterior_and_random_rows_of_one_task_their_own_p
     paper = run.PAPER
     assert f"| 0.600 | {paper[('slcp', 'undirected')][10_000]:.3f} |" in posterior
     assert f"| 0.750 | {paper[('slcp', 'undirected', 'random')][10_000]:.3f} |" in random
+
+
+def test_npe_beside_a_row_is_scored_on_the_same_queries(results_dir, tmp_path):
+    """NPE over observations 1-3 in two files beside a Simformer row over observation 1 only:
+    the NPE column is observation 1's, counted once."""
+    table = _load("table")
+    npe = _load("npe")
+    base = {"seed": 0, "num_c2st_samples": 1000, "task": "two_moons", "num_simulations": 10000, "method": "npe",
+            "machine": "test-machine 2 cores", "date": "2026-01-01"}
+    rows = [base | {"query": f"observation {n}", "c2st_rf": rf} for n, rf in ((1, 0.60), (2, 0.90), (3, 0.90))]
+    _write(results_dir / "npe_more.csv", npe.FIELDS, rows)
+    _write(results_dir / "npe_again.csv", npe.FIELDS, rows[:1])
+    text = table.write_table(results_dir, tmp_path / "table.md").read_text()
+    header = [cell.strip() for cell in text.splitlines()[4].strip("|").split("|")]
+    line = next(line for line in text.splitlines() if line.startswith("| posterior | two_moons | 10,000 | simformer"))
+    row = dict(zip(header, (cell.strip() for cell in line.strip("|").split("|"))))
+    assert row["NPE C2ST RF"] == "0.600"
