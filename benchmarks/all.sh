@@ -33,8 +33,8 @@ $PY benchmarks/run.py --name six_layers --tasks slcp --budgets 10000 --attention
     --observations 1 2 3 --mlp-early-stopping --network num_layers=6
 
 # The HMM's random conditionals with 6 layers: its joint and full posterior need the chain's
-# long-range structure, which 3 graph-masked layers do not reach.
-$PY benchmarks/run.py --name six_layers --tasks hmm --budgets 10000 --attention undirected \
+# long-range structure, which 3 graph-masked layers do not reach. Two seeds (each its own conditionals).
+$PY benchmarks/run.py --name six_layers --tasks hmm --budgets 10000 --attention undirected --seeds 0 1 \
     --conditionals random --num-conditionals 20 --mlp-early-stopping --network num_layers=6
 
 # Simformer on 20 random conditionals (the paper's mixture of joint, posterior, likelihood and
