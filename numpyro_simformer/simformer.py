@@ -43,6 +43,9 @@ from numpyro_simformer.transforms import constant_support, fit_token_transform
 
 __all__ = ["Simformer"]
 
+# Below this many valid simulations fit warns: statistics and validation from a handful of rows.
+_FEW_SIMULATIONS = 100
+
 _ATTENTION_KINDS = ("undirected", "dense", "directed")
 
 
@@ -360,6 +363,15 @@ class Simformer:
             data = data[finite]
             self.simulation_info = info._replace(num_valid=int(finite.sum()),
                                                  num_invalid=info.num_invalid + int((~finite).sum()))
+        if data.shape[0] < _FEW_SIMULATIONS:
+            held_out = int(round(data.shape[0] * self.training_config.validation_fraction))
+            warnings.warn(
+                f"Training on only {data.shape[0]} valid simulations: the z-scoring statistics come "
+                f"from them and {held_out} are held out for validation"
+                f"{' (none: training never stops early)' if held_out == 0 else ''}. Answers from so few "
+                f"are rough; raise `num_simulations` (a few hundred at least, thousands for most models).",
+                stacklevel=3,
+            )
         key_init, key_train = jax.random.split(rng_key)
         if self.variable_dims is not None:
             from dataclasses import replace as _replace

@@ -202,3 +202,14 @@ def test_slash_in_a_site_or_plate_name_is_refused_before_training(site, plate, r
 
     with pytest.raises(ValueError, match=f"name '{site if '/' in site else plate}'.*contains '/'"):
         Simformer(slashed, **TINY).fit(rng_key)
+
+
+def test_few_simulations_warn_with_the_count_and_the_fix():
+    few = dict(TINY, num_simulations=10)
+    with pytest.warns(UserWarning, match=r"only 10 valid simulations.*0 are held out.*never stops early.*num_simulations"):
+        Simformer(model, **few).fit(jax.random.key(0))
+
+
+def test_enough_simulations_do_not_warn_about_their_number(recwarn):
+    Simformer(model, **TINY).fit(jax.random.key(0))
+    assert not [w for w in recwarn if "valid simulations" in str(w.message)]
