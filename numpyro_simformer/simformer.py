@@ -364,7 +364,7 @@ class Simformer:
             self.simulation_info = info._replace(num_valid=int(finite.sum()),
                                                  num_invalid=info.num_invalid + int((~finite).sum()))
         if data.shape[0] < _FEW_SIMULATIONS:
-            held_out = int(round(data.shape[0] * self.training_config.validation_fraction))
+            held_out = self.training_config.num_validation(data.shape[0])
             warnings.warn(
                 f"Training on only {data.shape[0]} valid simulations: the z-scoring statistics come "
                 f"from them and {held_out} are held out for validation"

@@ -130,6 +130,10 @@ class TrainingConfig:
             )
 
 
+    def num_validation(self, num_simulations: int) -> int:
+        """Simulations held out for validation: ``validation_fraction`` of them, at most 4,096."""
+        return min(int(round(num_simulations * self.validation_fraction)), 4096)
+
     def resolved_batch_size(self, num_tokens: int, num_devices: int = 1) -> int:
         """``batch_size``, or the token-budget default rounded up to a multiple of the devices."""
         if self.batch_size is not None:
@@ -374,8 +378,7 @@ def train(rng_key, example_losses_fn, params, data, data_mask, config: TrainingC
     key_split, key_validation, key_train = jax.random.split(rng_key, 3)
     data = np.asarray(data)
     num = data.shape[0]
-    num_validation = int(round(num * config.validation_fraction))
-    num_validation = min(num_validation, 4096)
+    num_validation = config.num_validation(num)
     order = np.asarray(jax.random.permutation(key_split, num))
     validation_data = jnp.asarray(data[order[:num_validation]])
     # The training rows are indices into ``data``, not a copy of it: the simulations sit in
