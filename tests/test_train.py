@@ -138,3 +138,24 @@ def test_more_validation_draws_lower_the_spread_of_the_validation_loss():
 def test_validation_draws_must_be_positive():
     with pytest.raises(ValueError, match="validation_draws"):
         TrainingConfig(validation_draws=0)
+
+
+@pytest.mark.parametrize("held_out, draws", [(500, 8), (50, 81), (4096, 1), (6000, 1), (0, 4096)])
+def test_default_validation_draws_score_about_4096_examples(held_out, draws):
+    assert TrainingConfig().resolved_validation_draws(held_out) == draws
+    assert TrainingConfig(validation_draws=3).resolved_validation_draws(held_out) == 3
+
+
+@pytest.mark.parametrize("validation_draws, expected", [(None, 409), (2, 2)])
+def test_train_scores_the_resolved_validation_draws(monkeypatch, validation_draws, expected):
+    """200 simulations hold out 10 (5 %): the default scores each under 4096 // 10 draws."""
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append(args[-1])
+        return lambda params: 1.0
+
+    monkeypatch.setattr(train_module, "_validation_fn", spy)
+    tiny(validation_draws=validation_draws, patience=1, plateau_patience=1,
+         max_plateau_reductions=0).fit(jax.random.key(0))
+    assert seen == [expected]
