@@ -220,7 +220,8 @@ def _done(path: Path) -> set[tuple]:
     if not path.exists():
         return set()
     with path.open() as handle:
-        return {(r["task"], int(r["num_simulations"]), r["attention"], int(r["seed"])) for r in csv.DictReader(handle)}
+        return {(r["task"], int(r["num_simulations"]), r["attention"], int(r["seed"]), r.get("settings") or "defaults")
+                for r in csv.DictReader(handle)}
 
 
 def write_markdown(csv_path: Path) -> Path:
@@ -275,11 +276,11 @@ def main():
     parser.add_argument("--mlp-early-stopping", action="store_true",
                         help="MLP C2ST with validation early stopping (fast; agrees with exact in >= 10-d)")
     parser.add_argument("--max-steps", type=int, default=None,
-                        help="training steps at most (default: the library's TrainingConfig default); use a "
-                             "separate --name, since a finished run is recognised by task, budget, mask and seed")
+                        help="training steps at most (default: the library's TrainingConfig default); recorded "
+                             "in the CSV's settings column, which with task, budget, mask and seed identifies a run")
     parser.add_argument("--training", nargs="+", type=_setting, default=[], metavar="KEY=VALUE",
                         help="TrainingConfig fields to change (e.g. batch_size=256); recorded in the CSV's settings "
-                             "column; use a separate --name")
+                             "column: a run with other settings is another run, even in the same file")
     parser.add_argument("--network", nargs="+", type=_setting, default=[], metavar="KEY=VALUE",
                         help="NetworkConfig fields to change (e.g. num_layers=4); as --training")
     parser.add_argument("--single", nargs=4, metavar=("TASK", "BUDGET", "ATTENTION", "SEED"), help=argparse.SUPPRESS)
@@ -293,11 +294,11 @@ def main():
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     csv_path = RESULTS / f"{args.name}.csv"
-    done = _done(csv_path)
+    done, settings = _done(csv_path), settings_label(args)
     runs = [(t, b, a, s) for t in args.tasks for b in args.budgets for a in args.attention for s in args.seeds]
     passthrough = sys.argv[1:]
     for number, (task, budget, attention, seed) in enumerate(runs, 1):
-        if (task, budget, attention, seed) in done:
+        if (task, budget, attention, seed, settings) in done:
             print(f"[{number}/{len(runs)}] {task} {budget} {attention} seed {seed}: done already")
             continue
         if attention == "undirected" and "dense" in args.attention and graph_is_complete(task):

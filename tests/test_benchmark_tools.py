@@ -169,3 +169,15 @@ def test_npe_beside_a_row_is_scored_on_the_same_queries(results_dir, tmp_path):
     line = next(line for line in text.splitlines() if line.startswith("| posterior | two_moons | 10,000 | simformer"))
     row = dict(zip(header, (cell.strip() for cell in line.strip("|").split("|"))))
     assert row["NPE C2ST RF"] == "0.600"
+
+
+def test_runner_tells_runs_apart_by_their_settings(tmp_path):
+    """A finished run is one with the same task, budget, mask, seed and settings: a rerun
+    with other settings into the same file is a new run, not 'done already'."""
+    run = _load("run")
+    path = tmp_path / "runs.csv"
+    row = {f: "" for f in run.FIELDS} | {"task": "two_moons", "num_simulations": "10000", "attention": "dense",
+                                         "seed": "0", "settings": "training.validation_draws=1"}
+    run._append(path, [row, row | {"seed": "1", "settings": ""}])
+    assert run._done(path) == {("two_moons", 10000, "dense", 0, "training.validation_draws=1"),
+                               ("two_moons", 10000, "dense", 1, "defaults")}
