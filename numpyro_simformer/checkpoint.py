@@ -305,6 +305,7 @@ def load_simformer(path, model: Callable, model_args: tuple = (), model_kwargs: 
                                arrays, where)
 
     sf._supports = supports
+    sf._model_args, sf._model_kwargs = tuple(model_args), model_kwargs  # for the deterministic sites
     sf.variable_dims = None
     sf.layout = layout
     sf.parents = parents

@@ -1,7 +1,7 @@
 """Samples -> ArviZ ``xarray.DataTree``, in one place.
 
 Groups: ``posterior`` holds each unobserved (or partly observed) site that has children
-in the model graph, ``posterior_predictive`` each such site without children, and
+in the model graph and the model's deterministic sites, ``posterior_predictive`` each such site without children, and
 ``observed_data`` the conditioned values (NaN where an element was inferred). Sample dims
 are ``(chain, draw)``; each variable keeps its site's shape, and plate names become dim
 names.
@@ -29,6 +29,7 @@ def to_datatree(
     attrs: Mapping | None = None,
     extra_dims: Sequence[str] = (),
     coords: Mapping[str, np.ndarray] | None = None,
+    deterministic: Mapping[str, tuple[np.ndarray, Sequence[str]]] | None = None,
 ):
     """Build the DataTree of one query.
 
@@ -41,10 +42,15 @@ def to_datatree(
         extra_dims: names of dims that sit between the sample dims and the site's dims
             (for example a batch of observations).
         coords: ``{dim: values}``: coordinate values of dims (the times of a time series).
+        deterministic: ``{name: (array (chain, draw, *extra, *shape), dims)}``: the
+            model's deterministic sites, added to ``posterior``.
     """
+    deterministic = dict(deterministic or {})
     dims = {site.name: [*extra_dims, *site.dims] for site in layout.sites}
+    dims |= {name: [*extra_dims, *site_dims] for name, (_, site_dims) in deterministic.items()}
     data = {
-        "posterior": {name: np.asarray(samples[name]) for name in posterior_sites},
+        "posterior": {name: np.asarray(samples[name]) for name in posterior_sites}
+        | {name: np.asarray(value) for name, (value, _) in deterministic.items()},
         "posterior_predictive": {name: np.asarray(samples[name]) for name in predictive_sites},
         "observed_data": {name: np.asarray(value) for name, value in observed.items()},
     }

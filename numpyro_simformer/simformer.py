@@ -481,7 +481,7 @@ class Simformer:
                                    node_std[layout.node_ids])
         denoiser_fn = build_denoiser_fn(self._graphdef, self._constants, layout.node_ids, layout.coordinates, mask)
         query = _Query(layout, transform, build_score_fn(denoiser_fn, self.sde), {}, {},
-                       self._coordinate_values(layout, variable), mask, variable)
+                       self._coordinate_values(layout, variable), mask, variable, kwargs)
         self._queries[cache_key] = query
         return query
 
@@ -550,7 +550,7 @@ class Simformer:
 
     def sample(self, rng_key, *, observed: Mapping | None = None, num_samples: int, sampler=None,
                intervals: Mapping | None = None, guidance=None, batch_size: int = 2_000,
-               model_kwargs: Mapping | None = None):
+               model_kwargs: Mapping | None = None, return_deterministic: bool = True):
         """Draw from any conditional of the model: ``p(latent sites | observed, intervals)``.
 
         Args:
@@ -575,10 +575,18 @@ class Simformer:
                 with ``coordinates`` or ``exchangeable`` dims: new coordinates (observe a
                 series at 4 times, predict it at 200) or a new plate size. The model is
                 re-traced with them; ``observed`` then takes the new shapes.
+            return_deterministic: add the model's ``numpyro.deterministic`` sites to
+                ``posterior``, computed from each draw's token sites by re-running the model
+                (as ``numpyro.infer.Predictive`` does). A deterministic site that also
+                depends on sites outside the tokens (``exclude_sites``) is left out, with a
+                warning, and named in the root's ``deterministic_sites_not_returned``.
+                ``False`` skips the model runs (an expensive deterministic, e.g. an ODE
+                solution on a fine grid).
 
         Returns:
-            An ``xarray.DataTree`` with groups ``posterior`` (inferred sites with children),
-            ``posterior_predictive`` (inferred sites without children) and
+            An ``xarray.DataTree`` with groups ``posterior`` (inferred sites with children,
+            and the deterministic sites), ``posterior_predictive`` (inferred sites without
+            children) and
             ``observed_data`` (with ``{site}_lower``/``{site}_upper`` for intervals); dims
             ``(chain, draw, *site dims)``, or ``(chain, draw, observation, *site dims)``
             for a batch of observations. Observation ``i`` of a batch equals the unbatched
@@ -624,8 +632,10 @@ class Simformer:
         if num_observations is None:
             tokens, values = tokens[:, 0], values[0]
         observed_names = [] if observed is None else list(observed)
+        deterministic_key = jax.random.fold_in(rng_key, _DETERMINISTIC_STREAM) if return_deterministic else None
         tree = self._to_datatree(tokens[None], observed_names, values, condition_mask, sampler,
-                                 batched=num_observations is not None, intervals=bounds, query=query)
+                                 batched=num_observations is not None, intervals=bounds, query=query,
+                                 deterministic_key=deterministic_key)
         if bounds is not None:
             tree.attrs["guidance"] = repr(guidance)
         return tree
@@ -822,12 +832,16 @@ class Simformer:
         return jnp.concatenate(results)[:num_observations]
 
     def _to_datatree(self, tokens, observed_names, observed_values, condition_mask, sampler, *,
-                     batched: bool = False, intervals=None, query=None):
+                     batched: bool = False, intervals=None, query=None, deterministic_key=None):
         """``tokens``: (chain, draw, [observation,] num_tokens); ``observed_values``:
-        ([observation,] num_tokens) with NaN where latent; ``condition_mask`` (..., num_tokens)."""
+        ([observation,] num_tokens) with NaN where latent; ``condition_mask`` (..., num_tokens).
+        ``deterministic_key``: computes the deterministic sites with it (``None``: none)."""
         query = self._default_query if query is None else query
         layout = query.layout
         site_values = layout.unflatten(tokens)
+        deterministic, not_returned = {}, []
+        if deterministic_key is not None:
+            deterministic, not_returned = self._deterministic(deterministic_key, query, site_values, tokens.ndim - 1)
         slices = layout.slices()
         condition_mask = np.reshape(condition_mask, (-1, layout.num_tokens))
         inferred = [site for site in layout.sites if not condition_mask[:, slices[site.name]].all()]
@@ -844,6 +858,8 @@ class Simformer:
             "sampler": repr(sampler),
             "num_simulations": int(self.simulation_info.num_valid),
         }
+        if not_returned:
+            attrs["deterministic_sites_not_returned"] = not_returned
         if intervals is not None:
             attrs["interval_sites"] = [name for name in layout.site_names
                                        if intervals.interval_mask[slices[name]].any()]
@@ -861,20 +877,47 @@ class Simformer:
             attrs=attrs,
             extra_dims=extra_dims,
             coords=query.coordinates,
+            deterministic=deterministic,
         )
         return _add_bounds(tree, layout, observed_data, extra_dims)
+
+    def _deterministic(self, rng_key, query, site_values, batch_ndim):
+        """``({name: (values, dims)}, not_returned)``: the model's deterministic sites per draw."""
+        from numpyro_simformer.deterministic import deterministic_dims, deterministic_values
+
+        kwargs = self._model_kwargs if query.model_kwargs is None else query.model_kwargs
+        if query.deterministic_dims is None:
+            query.deterministic_dims = deterministic_dims(self.model, self._model_args, kwargs)
+        if not query.deterministic_dims:
+            return {}, []
+        inputs = {site.name: (np.rint(site_values[site.name]).astype(np.int64) if site.is_discrete
+                              else site_values[site.name]) for site in query.layout.sites}
+        values, not_returned = deterministic_values(rng_key, self.model, self._model_args, kwargs, inputs,
+                                                    query.deterministic_dims, batch_ndim)
+        if not_returned:
+            warnings.warn(
+                f"Deterministic site(s) {not_returned} depend on sites outside the tokens (exclude_sites="
+                f"{list(self.exclude_sites)}), so the answer cannot fix them; they are not returned. Make those "
+                "sites tokens to get them.", stacklevel=4)
+        return {name: (value, query.deterministic_dims[name]) for name, value in values.items()}, not_returned
+
+
+# fold_in data for the key of the deterministic sites: the sampling key stays as it was
+_DETERMINISTIC_STREAM = 0x64657465
 
 
 class _Query:
     """What one query layout needs: tokens, transform, score function and compiled samplers."""
 
     def __init__(self, layout, transform, score_fn, sample_fns, log_prob_fns, coordinates, attention_mask=None,
-                 variable=None):
+                 variable=None, model_kwargs=None):
         self.layout, self.transform, self.score_fn = layout, transform, score_fn
         self.sample_fns, self.log_prob_fns = sample_fns, log_prob_fns
         self.coordinates = coordinates  # {dim: values} for the DataTree
         self.attention_mask = attention_mask
         self.variable = variable
+        self.model_kwargs = model_kwargs  # None: the training keyword arguments
+        self.deterministic_dims = None  # {name: dims} of the model's deterministic sites, read on first use
 
 
 def _add_bounds(tree, layout, observed_data, extra_dims):
