@@ -1,8 +1,9 @@
 """Samples -> ArviZ ``xarray.DataTree``, in one place.
 
 Groups: ``posterior`` holds each unobserved (or partly observed) site that has children
-in the model graph and the model's deterministic sites, ``posterior_predictive`` each such site without children, and
-``observed_data`` the conditioned values (NaN where an element was inferred). Sample dims
+in the model graph and the model's deterministic sites, ``posterior_predictive`` each
+unobserved site without children, and ``observed_data`` the conditioned values (NaN where
+an element was inferred). Sample dims
 are ``(chain, draw)``; each variable keeps its site's shape, and plate names become dim
 names.
 """
