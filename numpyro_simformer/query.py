@@ -13,6 +13,7 @@ import jax
 import numpy as np
 
 from numpyro_simformer.layout import TokenLayout
+from numpyro_simformer.transforms import couples_elements
 
 __all__ = ["observed_tokens", "batched_observed_tokens", "to_z_checked", "IntervalQuery", "interval_bounds"]
 
@@ -94,8 +95,10 @@ def to_z_checked(layout: TokenLayout, transform, values: np.ndarray, condition_m
     ``values`` and ``condition_mask`` are (num_tokens,) or (num_observations, num_tokens).
 
     Raises:
-        ValueError: an observed value lies outside its site's support.
+        ValueError: an observed value lies outside its site's support, or a site whose
+            support couples its elements (a simplex, an ordered vector) is partly observed.
     """
+    _check_coupled_sites(layout, transform, values, condition_mask)
     filled = np.where(condition_mask, values, _interior_fill(transform)).astype(np.float32)
     z = np.asarray(jax.jit(transform.to_z)(filled))
     bad = condition_mask & ~np.isfinite(z)
@@ -108,6 +111,32 @@ def to_z_checked(layout: TokenLayout, transform, values: np.ndarray, condition_m
             f"{layout.labels[index]!r}, outside the site's support {site.support}."
         )
     return np.where(condition_mask, z, 0.0).astype(np.float32)
+
+
+def _check_coupled_sites(layout: TokenLayout, transform, values: np.ndarray, condition_mask: np.ndarray) -> None:
+    """A site whose bijection mixes its elements is observed whole (and in its support) or not at all.
+
+    Its unconstrained coordinates are functions of all of its elements (a simplex's
+    log-ratios, an ordered vector's gaps), so observing some elements fixes no token.
+    """
+    slices = layout.slices()
+    condition_mask = np.reshape(condition_mask, (-1, layout.num_tokens))
+    values = np.reshape(values, (-1, layout.num_tokens))
+    for site, bijection in zip(layout.sites, transform.bijections):
+        if site.is_discrete or not couples_elements(bijection):
+            continue
+        given = condition_mask[:, slices[site.name]]
+        if (given.any(axis=1) & ~given.all(axis=1)).any():
+            raise ValueError(
+                f"observed[{site.name!r}] gives some elements of a site whose support {site.support} couples "
+                "its elements: give all of them, or none (NaN everywhere) to infer the site."
+            )
+        for row in np.flatnonzero(given.all(axis=1)):
+            value = values[row, slices[site.name]].reshape(site.shape)
+            if not np.all(site.support(value)):
+                raise ValueError(
+                    f"observed[{site.name!r}] is {value.tolist()}, outside the site's support {site.support}."
+                )
 
 
 def _interior_fill(transform) -> np.ndarray:
@@ -263,6 +292,12 @@ def interval_bounds(
                 f"e.g. intervals={{{name!r}: (0.0, None)}}."
             )
         site = layout.site(name)
+        if couples_elements(transform.bijections[layout.site_names.index(name)]):
+            raise ValueError(
+                f"intervals[{name!r}]: site {name!r} has support {site.support}, whose unconstrained coordinates mix "
+                "its elements, so a bound on one element is no bound on one token; intervals on it are not "
+                "supported. Bound a site with an elementwise support instead."
+            )
         low = _bound_array(name, "low", pair[0], site.shape).reshape(-1)
         high = _bound_array(name, "high", pair[1], site.shape).reshape(-1)
         labels = layout.labels[slices[name]]

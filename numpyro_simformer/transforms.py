@@ -7,6 +7,10 @@ back through both maps, so every returned value lies in its site's support.
 
 Discrete sites (Poisson counts, Bernoulli outcomes) are modelled as real numbers and are
 rounded (and clipped to their bounds) on the way out.
+
+A simplex site (``Dirichlet``) keeps one token per element through its centred log-ratio
+(:class:`SimplexLogRatio`): ``K`` tokens that sum to zero, mapped back by a softmax, which
+lands on the simplex wherever the network puts them.
 """
 
 from __future__ import annotations
@@ -23,19 +27,66 @@ from numpyro.distributions.transforms import biject_to
 from numpyro_simformer.layout import TokenLayout
 from numpyro_simformer.sites import SiteInfo, support_bounds
 
-__all__ = ["site_bijection", "TokenTransform", "fit_token_transform"]
+__all__ = ["site_bijection", "SimplexLogRatio", "couples_elements", "TokenTransform", "fit_token_transform"]
+
+
+class SimplexLogRatio(numpyro_transforms.Transform):
+    """R^K -> the K-simplex by a softmax; its inverse is the centred log-ratio.
+
+    ``inv(p) = log p - mean(log p)`` keeps one coordinate per element (NumPyro's
+    stick-breaking bijection keeps K - 1, which one token per element cannot hold). The
+    map is not a bijection of R^K: shifting every coordinate by the same amount changes
+    nothing, so the training data lie on the hyperplane of zero sum and whatever a sample
+    puts off it is ignored. For the same reason there is no density on R^K to change
+    variables with: :meth:`log_abs_det_jacobian` raises.
+    """
+
+    domain = constraints.real_vector
+    codomain = constraints.simplex
+
+    def __call__(self, x):
+        return jax.nn.softmax(x, axis=-1)
+
+    def _inverse(self, y):
+        log_y = jnp.log(y)
+        return log_y - jnp.mean(log_y, axis=-1, keepdims=True)
+
+    def log_abs_det_jacobian(self, x, y, intermediates=None):
+        raise NotImplementedError(
+            "A simplex site is represented by its K centred log-ratios, which have no density on R^K: log "
+            "densities with a simplex site latent are not available. Observe the simplex site, or sample."
+        )
+
+    def tree_flatten(self):
+        return (), ((), {})
+
+    def __eq__(self, other):
+        return isinstance(other, SimplexLogRatio)
+
+
+def couples_elements(bijection) -> bool:
+    """Whether a site's bijection mixes its elements (a simplex, an ordered vector)."""
+    while isinstance(bijection, numpyro_transforms.IndependentTransform):
+        bijection = bijection.base_transform
+    return bijection.domain.event_dim > 0
 
 
 def site_bijection(site: SiteInfo, support=None):
-    """The elementwise bijection from unconstrained space onto ``site``'s support.
+    """The map from unconstrained space onto ``site``'s support, one coordinate per element.
+
+    NumPyro's ``biject_to(support)``, except for a simplex: :class:`SimplexLogRatio`.
 
     Raises:
-        NotImplementedError: when the support's bijection changes the shape (simplex,
-            correlation matrices ...): those sites cannot be tokens element by element yet.
+        NotImplementedError: when the support's bijection changes the shape (correlation
+            matrices, ...): those sites cannot be tokens element by element yet.
     """
     support = site.support if support is None else support
     if site.is_discrete:
         return numpyro_transforms.IdentityTransform()
+    if isinstance(getattr(support, "base_constraint", support), type(constraints.simplex)):
+        base = SimplexLogRatio()
+        batch_ndim = getattr(support, "reinterpreted_batch_ndims", 0)
+        return numpyro_transforms.IndependentTransform(base, batch_ndim) if batch_ndim else base
     try:
         transform = biject_to(support)
     except NotImplementedError as error:
@@ -48,8 +99,9 @@ def site_bijection(site: SiteInfo, support=None):
             f"Site {site.name!r} has support {support}, whose unconstrained form has a "
             f"different shape ({tuple(transform.inverse_shape(site.shape))} instead of "
             f"{site.shape}); one token per element is not possible. Reparametrise the site "
-            "with elementwise-supported draws (e.g. Gamma draws normalised with a "
-            "`numpyro.deterministic`), or exclude it."
+            "with elementwise-supported draws and build the value in a `numpyro.deterministic` "
+            "(returned with every answer; e.g. a correlation matrix from Uniform(-1, 1) partial "
+            "correlations), or exclude it."
         )
     return transform
 
