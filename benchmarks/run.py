@@ -225,10 +225,11 @@ def _done(path: Path) -> set[tuple]:
 
 
 def write_markdown(csv_path: Path) -> Path:
-    """Mean C2ST per (task, budget, attention, kind of query) with the paper's number beside it.
+    """Mean C2ST per (task, budget, attention, kind of query, settings) with the paper's number beside it.
 
     A file may hold posterior and random-conditional rows of one task (six_layers.csv does):
     each row's kind comes from its query name, so each group gets its own paper number.
+    Rows run with other settings are other groups.
     """
     import numpy as np
 
@@ -236,14 +237,15 @@ def write_markdown(csv_path: Path) -> Path:
         rows = list(csv.DictReader(handle))
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
-        key = (row["task"], int(row["num_simulations"]), row["attention"], query_kind(row["query"]))
+        key = (row["task"], int(row["num_simulations"]), row["attention"], query_kind(row["query"]),
+               row.get("settings") or "defaults")
         groups.setdefault(key, []).append(row)
     lines = [
         f"| task | simulations | attention | conditionals | C2ST MLP (sbibm) | MLP early-stopped | C2ST RF | paper (RF) | "
-        "C2ST samples per side | queries | training s | steps | sampling s / query | peak RSS MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "C2ST samples per side | queries | training s | steps | sampling s / query | peak RSS MiB | settings |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for (task, budget, attention, kind), group in sorted(groups.items()):
+    for (task, budget, attention, kind, settings), group in sorted(groups.items()):
         mean = lambda key: np.mean([float(r[key]) for r in group if r[key] != ""]) if any(r[key] != "" for r in group) else float("nan")
         paper = PAPER.get(paper_key(kind, task, attention), {}).get(budget)
         lines.append(
@@ -251,7 +253,7 @@ def write_markdown(csv_path: Path) -> Path:
             f"{group[0].get('mlp_early_stopping', '')} | {mean('c2st_rf'):.3f} | "
             f"{'' if paper is None else f'{paper:.3f}'} | {group[0]['num_c2st_samples']} | {len(group)} | "
             f"{mean('training_s'):.0f} | "
-            f"{mean('steps'):.0f} | {mean('sampling_s'):.1f} | {mean('peak_rss_mib'):.0f} |"
+            f"{mean('steps'):.0f} | {mean('sampling_s'):.1f} | {mean('peak_rss_mib'):.0f} | {settings} |"
         )
     machine_line = rows[0]["machine"] if rows else machine()
     lines += ["", f"Machine: {machine_line} (shared with other jobs while these ran: times are upper bounds)."]

@@ -173,11 +173,17 @@ def test_npe_beside_a_row_is_scored_on_the_same_queries(results_dir, tmp_path):
 
 def test_runner_tells_runs_apart_by_their_settings(tmp_path):
     """A finished run is one with the same task, budget, mask, seed and settings: a rerun
-    with other settings into the same file is a new run, not 'done already'."""
+    with other settings into the same file is a new run, not 'done already', and the file's
+    markdown averages each settings apart."""
     run = _load("run")
     path = tmp_path / "runs.csv"
-    row = {f: "" for f in run.FIELDS} | {"task": "two_moons", "num_simulations": "10000", "attention": "dense",
-                                         "seed": "0", "settings": "training.validation_draws=1"}
-    run._append(path, [row, row | {"seed": "1", "settings": ""}])
+    row = {f: "1" for f in run.FIELDS} | {"task": "two_moons", "num_simulations": "10000", "attention": "dense",
+                                          "seed": "0", "query": "observation 1", "c2st_rf": "0.6",
+                                          "settings": "training.validation_draws=1"}
+    run._append(path, [row, row | {"seed": "1", "settings": "", "c2st_rf": "0.8"}])
     assert run._done(path) == {("two_moons", 10000, "dense", 0, "training.validation_draws=1"),
                                ("two_moons", 10000, "dense", 1, "defaults")}
+    lines = [line for line in run.write_markdown(path).read_text().splitlines() if line.startswith("| two_moons")]
+    assert len(lines) == 2
+    assert any("| 0.600 |" in line and line.endswith("| training.validation_draws=1 |") for line in lines)
+    assert any("| 0.800 |" in line and line.endswith("| defaults |") for line in lines)
