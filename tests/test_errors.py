@@ -6,14 +6,8 @@ import numpyro
 import numpyro.distributions as dist
 import pytest
 
+from helpers import TINY
 from numpyro_simformer import NetworkConfig, Simformer, TrainingConfig
-
-TINY = dict(
-    num_simulations=100,
-    network=NetworkConfig(width=8, num_layers=1, num_heads=1, mlp_width=8),
-    training=TrainingConfig(max_steps=10, steps_per_call=5, validation_interval=5),
-    progress_bar=False,
-)
 
 
 def model():

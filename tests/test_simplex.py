@@ -11,7 +11,8 @@ import numpyro
 import numpyro.distributions as dist
 import pytest
 
-from numpyro_simformer import NetworkConfig, Simformer, TrainingConfig
+from helpers import TINY
+from numpyro_simformer import Simformer, TrainingConfig
 from numpyro_simformer.sites import SiteInfo
 from numpyro_simformer.transforms import SimplexLogRatio, couples_elements, site_bijection
 
@@ -49,12 +50,7 @@ def test_log_ratio_has_no_density_on_r_k():
 
 @pytest.fixture(scope="module")
 def tiny():
-    return Simformer(
-        model, num_simulations=100,
-        network=NetworkConfig(width=8, num_layers=1, num_heads=1, mlp_width=8),
-        training=TrainingConfig(max_steps=10, steps_per_call=5, validation_interval=5),
-        progress_bar=False,
-    ).fit(jax.random.key(0))
+    return Simformer(model, **TINY).fit(jax.random.key(0))
 
 
 @pytest.mark.parametrize("query, error, match", [
