@@ -99,10 +99,21 @@ def make_figure(rows: list[dict], paper: dict, metrics: list[str]):
                 ax.set_xlabel("simulations")
             if col == 0:
                 ax.set_ylabel(ylabel)
-            if ax.get_legend_handles_labels()[0]:
-                ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
+    for col in range(len(cells)):  # one legend per column, below it: none covers a curve
+        entries = {}
+        for row_index in range(len(metrics)):
+            for handle, label in zip(*axes[row_index][col].get_legend_handles_labels()):
+                entries.setdefault(_short(label), handle)
+        if entries:
+            axes[-1][col].legend(list(entries.values()), list(entries), fontsize=6, loc="upper center",
+                                 bbox_to_anchor=(0.5, -0.28), frameon=False)
     return fig
+
+
+def _short(label: str) -> str:
+    """A legend entry without the settings' long prefixes."""
+    return label.replace("training.validation_draws=", "val. draws ").replace("network.num_layers=", "layers ")
 
 
 def write_plot(results_dir: Path = RESULTS, out: Path = OUT, metric: str = "both") -> Path:
@@ -110,7 +121,7 @@ def write_plot(results_dir: Path = RESULTS, out: Path = OUT, metric: str = "both
     fig = make_figure(load_rows(results_dir), PAPER, metrics)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
+    fig.savefig(out, dpi=110, bbox_inches="tight")  # the legends sit below the axes
     return out
 
 
