@@ -38,9 +38,9 @@ import diffrax
 import jax
 import jax.numpy as jnp
 import numpy as np
-from numpyro.distributions.transforms import IndependentTransform
 
 from numpyro_simformer.layout import TokenLayout
+from numpyro_simformer.transforms import base_transform, couples_elements
 from numpyro_simformer.samplers.ode import probability_flow_drift
 
 __all__ = [
@@ -103,10 +103,8 @@ def latent_log_abs_det_jacobian(transform, z, latent_mask):
         if site.is_discrete or not site_mask.any():
             continue
         value = unconstrained[..., slices[site.name]].reshape(batch_shape + site.shape)
-        elementwise = bijection
-        while isinstance(elementwise, IndependentTransform):  # sums over event dims: unwrap
-            elementwise = elementwise.base_transform
-        if elementwise.domain.event_dim == 0:
+        if not couples_elements(bijection):
+            elementwise = base_transform(bijection)  # the wrappers only sum over event dims
             log_det = elementwise.log_abs_det_jacobian(value, elementwise(value))
             log_det = jnp.broadcast_to(log_det, batch_shape + site.shape).reshape(batch_shape + (-1,))
             total = total + jnp.sum(jnp.where(site_mask, log_det, 0.0), axis=-1)

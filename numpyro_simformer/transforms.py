@@ -27,7 +27,7 @@ from numpyro.distributions.transforms import biject_to
 from numpyro_simformer.layout import TokenLayout
 from numpyro_simformer.sites import SiteInfo, support_bounds
 
-__all__ = ["site_bijection", "SimplexLogRatio", "couples_elements", "TokenTransform", "fit_token_transform"]
+__all__ = ["site_bijection", "SimplexLogRatio", "base_transform", "couples_elements", "TokenTransform", "fit_token_transform"]
 
 
 class SimplexLogRatio(numpyro_transforms.Transform):
@@ -64,11 +64,16 @@ class SimplexLogRatio(numpyro_transforms.Transform):
         return isinstance(other, SimplexLogRatio)
 
 
-def couples_elements(bijection) -> bool:
-    """Whether a site's bijection mixes its elements (a simplex, an ordered vector)."""
+def base_transform(bijection):
+    """The transform inside any ``IndependentTransform`` wrappers (which only sum over event dims)."""
     while isinstance(bijection, numpyro_transforms.IndependentTransform):
         bijection = bijection.base_transform
-    return bijection.domain.event_dim > 0
+    return bijection
+
+
+def couples_elements(bijection) -> bool:
+    """Whether a site's bijection mixes its elements (a simplex, an ordered vector)."""
+    return base_transform(bijection).domain.event_dim > 0
 
 
 def site_bijection(site: SiteInfo, support=None):
