@@ -838,17 +838,16 @@ class Simformer:
         ``deterministic_key``: computes the deterministic sites with it (``None``: none)."""
         query = self._default_query if query is None else query
         layout = query.layout
-        site_values = layout.unflatten(tokens)
+        unflat = layout.unflatten(tokens)
+        site_values = {site.name: np.rint(unflat[site.name]).astype(np.int64) if site.is_discrete
+                       else np.asarray(unflat[site.name]) for site in layout.sites}
         deterministic, not_returned = {}, []
         if deterministic_key is not None:
             deterministic, not_returned = self._deterministic(deterministic_key, query, site_values, tokens.ndim - 1)
         slices = layout.slices()
         condition_mask = np.reshape(condition_mask, (-1, layout.num_tokens))
         inferred = [site for site in layout.sites if not condition_mask[:, slices[site.name]].all()]
-        samples = {}
-        for site in inferred:
-            value = np.asarray(site_values[site.name])
-            samples[site.name] = value.astype(np.int64) if site.is_discrete else value
+        samples = {site.name: site_values[site.name] for site in inferred}
         observed_sites = layout.unflatten(np.asarray(observed_values, dtype=np.float64))
         observed_data = {name: observed_sites[name] for name in observed_names}
         extra_dims = ("observation",) if batched else ()
@@ -883,23 +882,22 @@ class Simformer:
 
     def _deterministic(self, rng_key, query, site_values, batch_ndim):
         """``({name: (values, dims)}, not_returned)``: the model's deterministic sites per draw."""
-        from numpyro_simformer.deterministic import deterministic_dims, deterministic_values
+        from numpyro_simformer.deterministic import deterministic_values, read_deterministic
 
         kwargs = self._model_kwargs if query.model_kwargs is None else query.model_kwargs
-        if query.deterministic_dims is None:
-            query.deterministic_dims = deterministic_dims(self.model, self._model_args, kwargs)
-        if not query.deterministic_dims:
+        if query.deterministic is None:
+            query.deterministic = read_deterministic(self.model, self._model_args, kwargs, query.layout.site_names)
+        dims, random_outside = query.deterministic
+        if not dims:
             return {}, []
-        inputs = {site.name: (np.rint(site_values[site.name]).astype(np.int64) if site.is_discrete
-                              else site_values[site.name]) for site in query.layout.sites}
-        values, not_returned = deterministic_values(rng_key, self.model, self._model_args, kwargs, inputs,
-                                                    query.deterministic_dims, batch_ndim)
+        values, not_returned = deterministic_values(rng_key, self.model, self._model_args, kwargs, site_values,
+                                                    dims, batch_ndim, random_outside)
         if not_returned:
             warnings.warn(
                 f"Deterministic site(s) {not_returned} depend on sites outside the tokens (exclude_sites="
                 f"{list(self.exclude_sites)}), so the answer cannot fix them; they are not returned. Make those "
                 "sites tokens to get them.", stacklevel=4)
-        return {name: (value, query.deterministic_dims[name]) for name, value in values.items()}, not_returned
+        return {name: (value, dims[name]) for name, value in values.items()}, not_returned
 
 
 # fold_in data for the key of the deterministic sites: the sampling key stays as it was
@@ -917,7 +915,7 @@ class _Query:
         self.attention_mask = attention_mask
         self.variable = variable
         self.model_kwargs = model_kwargs  # None: the training keyword arguments
-        self.deterministic_dims = None  # {name: dims} of the model's deterministic sites, read on first use
+        self.deterministic = None  # ({name: dims}, random_outside) of the model, read on first use
 
 
 def _add_bounds(tree, layout, observed_data, extra_dims):
