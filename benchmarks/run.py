@@ -220,8 +220,13 @@ def _done(path: Path) -> set[tuple]:
     if not path.exists():
         return set()
     with path.open() as handle:
-        return {(r["task"], int(r["num_simulations"]), r["attention"], int(r["seed"]), r.get("settings") or "defaults")
+        return {(r["task"], int(r["num_simulations"]), r["attention"], int(r["seed"]), _row_settings(r))
                 for r in csv.DictReader(handle)}
+
+
+def _row_settings(row: dict) -> str:
+    """A row's settings label; rows written before the column existed ran with the defaults."""
+    return row.get("settings") or "defaults"
 
 
 def write_markdown(csv_path: Path) -> Path:
@@ -238,7 +243,7 @@ def write_markdown(csv_path: Path) -> Path:
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         key = (row["task"], int(row["num_simulations"]), row["attention"], query_kind(row["query"]),
-               row.get("settings") or "defaults")
+               _row_settings(row))
         groups.setdefault(key, []).append(row)
     lines = [
         f"| task | simulations | attention | conditionals | C2ST MLP (sbibm) | MLP early-stopped | C2ST RF | paper (RF) | "
