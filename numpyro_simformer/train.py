@@ -58,6 +58,9 @@ class TrainingConfig:
         max_plateau_reductions: reductions before ``patience`` may stop training: early
             stopping waits until the rate has been lowered this many times.
         ema_decay: decay of the weights' moving average used for validation and sampling.
+        weight_decay: decoupled weight decay (AdamW) of the weight matrices, scaled by the
+            learning rate like the update; biases and LayerNorm scales are not decayed.
+            ``0`` (default) is plain Adam.
         gradient_clip_norm: global-norm gradient clipping.
         validation_fraction: share of simulations held out for early stopping.
         validation_interval: steps between validations.
@@ -100,6 +103,7 @@ class TrainingConfig:
     warmup_steps: int = 200
     decay_fraction: float = 0.2
     ema_decay: float = 0.999
+    weight_decay: float = 0.0
     gradient_clip_norm: float = 1.0
     validation_fraction: float = 0.05
     validation_interval: int = 500
@@ -129,6 +133,8 @@ class TrainingConfig:
             )
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"TrainingConfig.ema_decay must lie in [0, 1), got {self.ema_decay}.")
+        if not self.weight_decay >= 0:
+            raise ValueError(f"TrainingConfig.weight_decay must be >= 0, got {self.weight_decay}.")
         if not 0 <= self.decay_fraction <= 1:
             raise ValueError(f"TrainingConfig.decay_fraction must lie in [0, 1], got {self.decay_fraction}.")
         if not 0 < self.plateau_factor < 1:
@@ -216,12 +222,18 @@ def build_schedule(config: TrainingConfig) -> optax.Schedule:
 
 
 def build_optimizer(config: TrainingConfig) -> optax.GradientTransformation:
-    """Adam on :func:`build_schedule` after global-norm clipping.
+    """Adam (AdamW with ``weight_decay``) on :func:`build_schedule` after global-norm clipping.
 
     Plateau reductions are not part of it: the train step multiplies Adam's update by
     ``TrainState.lr_scale``, which the loop lowers between jitted calls.
     """
-    return optax.chain(optax.clip_by_global_norm(config.gradient_clip_norm), optax.adam(build_schedule(config)))
+    schedule = build_schedule(config)
+    if config.weight_decay > 0:
+        matrices = lambda params: jax.tree.map(lambda leaf: jnp.ndim(leaf) > 1, params)
+        adam = optax.adamw(schedule, weight_decay=config.weight_decay, mask=matrices)
+    else:
+        adam = optax.adam(schedule)
+    return optax.chain(optax.clip_by_global_norm(config.gradient_clip_norm), adam)
 
 
 def _draw_batch(rng_key, rows, data_mask, mask_distribution, subsample, shard=lambda x: x):

@@ -45,6 +45,33 @@ def test_lr_scale_is_a_lower_learning_rate():
     assert not np.allclose(results[0]["w"], params["w"])  # it trained
 
 
+def test_weight_decay_shrinks_matrices_only():
+    """With a loss that ignores the parameters, AdamW's only move is the decay: each step
+    multiplies a weight matrix by (1 - rate * weight_decay) and leaves vectors alone."""
+    data = jnp.zeros((8, 2))
+    params = {"w": jnp.ones((2, 2)), "b": jnp.ones(2)}
+
+    def loss_fn(params, rng_key, x0, condition_mask, structure=None):
+        return 0.0 * (jnp.sum(params["w"]) + jnp.sum(params["b"]))
+
+    rate, decay, steps = 1e-2, 0.5, 10
+    config = TrainingConfig(learning_rate=rate, warmup_steps=1, max_steps=1000, decay_fraction=0.0,
+                            weight_decay=decay)
+    optimizer = train_module.build_optimizer(config)
+    train_fn = train_module.build_train_fn(loss_fn, optimizer, ConditionMaskDistribution(),
+                                           np.array([False, True]), batch_size=4, ema_decay=0.9,
+                                           steps_per_call=steps)
+    state = train_module.TrainState(params, params, optimizer.init(params), jnp.zeros((), jnp.int32),
+                                    jnp.float32(1.0))
+    state, _ = train_fn(state, jax.random.key(0), (data, jnp.arange(8, dtype=jnp.int32)))
+    # step 0 runs at the warm-up's start rate (1 % of the peak), the other steps at the peak
+    expected = (1 - 0.01 * rate * decay) * (1 - rate * decay) ** (steps - 1)
+    np.testing.assert_allclose(state.params["w"], expected * np.ones((2, 2)), rtol=1e-5)
+    np.testing.assert_array_equal(state.params["b"], np.ones(2))
+    with pytest.raises(ValueError, match="weight_decay"):
+        TrainingConfig(weight_decay=-1e-3)
+
+
 @pytest.fixture
 def scripted_validation(monkeypatch):
     """Replace the validation loss by a scripted sequence, to drive the loop's decisions."""
