@@ -14,11 +14,13 @@ from numpyro_simformer.density import ProbabilityFlowLogDensity
 from numpyro_simformer.samplers import EDMHeun, EulerMaruyama, GuidedEulerMaruyama, ProbabilityFlowODE
 from numpyro_simformer.sde import VESDE, VPSDE
 from numpyro_simformer.simformer import Simformer
+from numpyro_simformer.ensemble import SimformerEnsemble
 from numpyro_simformer.train import TrainingConfig
 
 __all__ = [
     "__version__",
     "Simformer",
+    "SimformerEnsemble",
     "dependency_matrix",
     "attention_mask",
     "NetworkConfig",
