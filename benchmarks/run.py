@@ -131,7 +131,7 @@ def single_run(args) -> list[dict]:
     import jax
     import numpy as np
 
-    from numpyro_simformer import NetworkConfig, Simformer, TrainingConfig
+    from numpyro_simformer import NetworkConfig, Simformer, SimformerEnsemble, TrainingConfig
     from numpyro_simformer.diagnostics import c2st
     from numpyro_simformer import tasks as task_module
 
@@ -140,10 +140,21 @@ def single_run(args) -> list[dict]:
     training = dict(args.training)
     if args.max_steps is not None:
         training["max_steps"] = args.max_steps
-    sf = Simformer(task.model, num_simulations=args.num_simulations, attention=args.attention_kind,
+    options = dict(num_simulations=args.num_simulations, attention=args.attention_kind,
                    token_sites=list(task.token_sites), exclude_sites=list(task.exclude_sites), progress_bar=False,
                    training=TrainingConfig(**training), network=NetworkConfig(**dict(args.network)))
-    sf.fit(key_fit)
+    kind = Simformer if args.members == 1 else SimformerEnsemble
+    checkpoint = None if args.checkpoints is None else Path(args.checkpoints) / run_label(
+        args.task, args.num_simulations, args.attention_kind, args.seed, settings_label(args))
+    if checkpoint is not None and checkpoint.exists():
+        sf = kind.load(checkpoint, task.model)
+    else:
+        sf = Simformer(task.model, **options) if args.members == 1 else SimformerEnsemble(
+            task.model, num_members=args.members, **options)
+        sf.fit(key_fit)
+        if checkpoint is not None:
+            sf.save(checkpoint)
+    members = [sf] if args.members == 1 else sf.members
     rows = []
     for index, (query, observed, reference) in enumerate(_queries(task, args, key_queries)):
         start = time.perf_counter()
@@ -167,11 +178,13 @@ def single_run(args) -> list[dict]:
                 c2st(reference[:n], estimate[:n], early_stopping=args.mlp_early_stopping), 4),
             "mlp_early_stopping": args.mlp_early_stopping,
             "c2st_rf": round(c2st(reference[:n], estimate[:n], classifier="rf"), 4),
-            "num_c2st_samples": n, "training_s": round(sf.training_time, 1), "steps": int(sf.history.step[-1]),
-            "stopped_early": bool(sf.history.stopped_early), "sampling_s": round(sampling_s, 2),
-            "network_evaluations": sf.sampler.network_evaluations,
+            # Summed over an ensemble's members: its training cost.
+            "num_c2st_samples": n, "training_s": round(sum(m.training_time for m in members), 1),
+            "steps": sum(int(m.history.step[-1]) for m in members),
+            "stopped_early": all(bool(m.history.stopped_early) for m in members), "sampling_s": round(sampling_s, 2),
+            "network_evaluations": members[0].sampler.network_evaluations,
             "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-            "simulations_invalid": sf.simulation_info.num_invalid, "settings": settings_label(args),
+            "simulations_invalid": members[0].simulation_info.num_invalid, "settings": settings_label(args),
             "machine": machine(),
             "date": time.strftime("%Y-%m-%d"),
         })
@@ -196,7 +209,14 @@ def settings_label(args) -> str:
     changed = [f"training.{k}={v}" for k, v in args.training] + [f"network.{k}={v}" for k, v in args.network]
     if args.max_steps is not None:
         changed.append(f"training.max_steps={args.max_steps}")
+    if args.members != 1:
+        changed.append(f"members={args.members}")
     return " ".join(changed) or "defaults"
+
+
+def run_label(task: str, budget: int, attention: str, seed: int, settings: str) -> str:
+    """A file-name-safe name of one run, for its checkpoint folder."""
+    return "_".join([task, str(budget), attention, f"seed{seed}", settings.replace(" ", "_").replace("=", "-")])
 
 
 def _append(csv_path: Path, rows: list[dict]):
@@ -290,6 +310,13 @@ def main():
                              "column: a run with other settings is another run, even in the same file")
     parser.add_argument("--network", nargs="+", type=_setting, default=[], metavar="KEY=VALUE",
                         help="NetworkConfig fields to change (e.g. num_layers=4); as --training")
+    parser.add_argument("--members", type=int, default=1,
+                        help="train a SimformerEnsemble of this many networks on the run's simulations and score the "
+                             "mixture of their answers (recorded as members=K in the settings column; training time "
+                             "and steps are the members' sums)")
+    parser.add_argument("--checkpoints", default=None, metavar="DIR",
+                        help="save each run's fitted networks under DIR and load them when a run is repeated, so that "
+                             "a rerun with other queries or C2ST settings does not retrain")
     parser.add_argument("--single", nargs=4, metavar=("TASK", "BUDGET", "ATTENTION", "SEED"), help=argparse.SUPPRESS)
     args = parser.parse_args()
 
