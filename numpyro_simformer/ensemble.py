@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import time as _time
+from dataclasses import replace
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -43,7 +44,9 @@ class SimformerEnsemble:
         model: the NumPyro model, as for :class:`Simformer`.
         num_members: how many networks to train (each costs one training run).
         **simformer_kwargs: every other argument of :class:`Simformer` (``num_simulations``,
-            ``network``, ``training``, ``attention``, ...), the same for all members.
+            ``network``, ``training``, ``attention``, ...), the same for all members; a
+            ``TrainingConfig.checkpoint_dir`` becomes one subfolder per member
+            (``member_{k}``), so an interrupted ensemble fit resumes member by member.
 
     Attributes:
         members: the member :class:`Simformer` objects (fitted ones can be queried alone).
@@ -54,7 +57,13 @@ class SimformerEnsemble:
     def __init__(self, model: Callable, *, num_members: int = 3, **simformer_kwargs):
         if not isinstance(num_members, (int, np.integer)) or num_members < 1:
             raise ValueError(f"`num_members` must be a positive integer, got {num_members!r}.")
-        self.members = [Simformer(model, **simformer_kwargs) for _ in range(int(num_members))]
+        training = simformer_kwargs.get("training")
+        self.members = []
+        for index in range(int(num_members)):
+            options = dict(simformer_kwargs)
+            if training is not None and training.checkpoint_dir is not None:  # one resumable run per member
+                options["training"] = replace(training, checkpoint_dir=str(Path(training.checkpoint_dir) / f"member_{index}"))
+            self.members.append(Simformer(model, **options))
         self.simulation_time = 0.0
 
     @classmethod

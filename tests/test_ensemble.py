@@ -107,6 +107,21 @@ def test_save_and_load_give_identical_samples(ensemble, tmp_path, rng_key):
         SimformerEnsemble.load(tmp_path, model)
 
 
+def test_training_checkpoints_go_to_one_folder_per_member(tmp_path, rng_key):
+    from dataclasses import replace
+
+    options = dict(TINY, training=replace(TINY["training"], checkpoint_dir=str(tmp_path), checkpoint_every=10))
+    ensemble = SimformerEnsemble(model, num_members=2, **options).fit(rng_key)
+    assert [m.training_config.checkpoint_dir for m in ensemble.members] == [str(tmp_path / "member_0"),
+                                                                             str(tmp_path / "member_1")]
+    assert all(any((tmp_path / f"member_{k}").iterdir()) for k in range(2))
+    # Refitting resumes each member from its own checkpoint and ends in the same state.
+    again = SimformerEnsemble(model, num_members=2, **options).fit(rng_key)
+    for first, second in zip(ensemble.members, again.members):
+        for a, b in zip(jax.tree.leaves(first.params), jax.tree.leaves(second.params)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_bad_arguments_are_named(ensemble, rng_key):
     with pytest.raises(ValueError, match="num_members"):
         SimformerEnsemble(model, num_members=0)
