@@ -143,15 +143,13 @@ def single_run(args) -> list[dict]:
     options = dict(num_simulations=args.num_simulations, attention=args.attention_kind,
                    token_sites=list(task.token_sites), exclude_sites=list(task.exclude_sites), progress_bar=False,
                    training=TrainingConfig(**training), network=NetworkConfig(**dict(args.network)))
-    kind = Simformer if args.members == 1 else SimformerEnsemble
+    kind, extra = (Simformer, {}) if args.members == 1 else (SimformerEnsemble, {"num_members": args.members})
     checkpoint = None if args.checkpoints is None else Path(args.checkpoints) / run_label(
         args.task, args.num_simulations, args.attention_kind, args.seed, settings_label(args))
     if checkpoint is not None and checkpoint.exists():
         sf = kind.load(checkpoint, task.model)
     else:
-        sf = Simformer(task.model, **options) if args.members == 1 else SimformerEnsemble(
-            task.model, num_members=args.members, **options)
-        sf.fit(key_fit)
+        sf = kind(task.model, **extra, **options).fit(key_fit)
         if checkpoint is not None:
             sf.save(checkpoint)
     members = [sf] if args.members == 1 else sf.members

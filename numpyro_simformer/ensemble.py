@@ -16,7 +16,6 @@ Example:
 from __future__ import annotations
 
 import json
-import time as _time
 from dataclasses import replace
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -27,9 +26,7 @@ import xarray as xr
 from scipy.special import logsumexp
 
 from numpyro_simformer._checks import check_rng_key
-from numpyro_simformer.parallel import resolve_devices
 from numpyro_simformer.simformer import Simformer
-from numpyro_simformer.simulate import simulate
 
 __all__ = ["SimformerEnsemble"]
 
@@ -109,13 +106,8 @@ class SimformerEnsemble:
         key_read, key_simulate, _ = jax.random.split(rng_key, 3)
         first = self.members[0]
         first._read_model(key_read, model_args, model_kwargs, simulating=True)
-        start = _time.perf_counter()
-        simulations, _ = simulate(
-            key_simulate, first.model, first.num_simulations, first.layout.site_names, model_args, model_kwargs,
-            chunk_size=first.simulation_chunk_size, progress_bar=first.progress_bar,
-            data_parallel=resolve_devices(first.training_config.data_parallel),
-        )
-        self.simulation_time = _time.perf_counter() - start
+        simulations, _ = first._simulate(key_simulate, model_args, model_kwargs)
+        self.simulation_time = first.simulation_time  # fit_simulations below resets the member's
         for index, member in enumerate(self.members):
             member.fit_simulations(jax.random.fold_in(rng_key, index), simulations, *model_args, **model_kwargs)
         return self

@@ -293,15 +293,20 @@ class Simformer:
         check_rng_key(rng_key, "Simformer.fit")
         key_read, key_simulate, key_train = jax.random.split(rng_key, 3)
         self._read_model(key_read, model_args, model_kwargs, simulating=True)
+        self._fit_draws(key_train, *self._simulate(key_simulate, model_args, model_kwargs))
+        return self
+
+    def _simulate(self, rng_key, model_args, model_kwargs):
+        """``(draws, info)``: ``num_simulations`` joint draws of the token sites (model read
+        first), timed in ``simulation_time``."""
         start = _time.perf_counter()
         simulations = simulate(
-            key_simulate, self.model, self.num_simulations, self.layout.site_names, model_args, model_kwargs,
+            rng_key, self.model, self.num_simulations, self.layout.site_names, model_args, model_kwargs,
             chunk_size=self.simulation_chunk_size, progress_bar=self.progress_bar,
             data_parallel=resolve_devices(self.training_config.data_parallel),
         )
         self.simulation_time = _time.perf_counter() - start
-        self._fit_draws(key_train, *simulations)
-        return self
+        return simulations
 
     def fit_simulations(self, rng_key, simulations: Mapping[str, np.ndarray], *model_args, **model_kwargs) -> "Simformer":
         """Train on simulations the user already has.
