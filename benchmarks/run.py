@@ -142,7 +142,8 @@ def single_run(args) -> list[dict]:
         training["max_steps"] = args.max_steps
     options = dict(num_simulations=args.num_simulations, attention=args.attention_kind,
                    token_sites=list(task.token_sites), exclude_sites=list(task.exclude_sites), progress_bar=False,
-                   training=TrainingConfig(**training), network=NetworkConfig(**dict(args.network)))
+                   training=TrainingConfig(**training), network=NetworkConfig(**dict(args.network)),
+                   interval_sites=args.interval_sites)
     kind, extra = (Simformer, {}) if args.members == 1 else (SimformerEnsemble, {"num_members": args.members})
     checkpoint = None if args.checkpoints is None else Path(args.checkpoints) / run_label(
         args.task, args.num_simulations, args.attention_kind, args.seed, settings_label(args))
@@ -209,6 +210,8 @@ def settings_label(args) -> str:
         changed.append(f"training.max_steps={args.max_steps}")
     if args.members != 1:
         changed.append(f"members={args.members}")
+    if args.interval_sites != "transform":
+        changed.append(f"interval_sites={args.interval_sites}")
     return " ".join(changed) or "defaults"
 
 
@@ -312,6 +315,9 @@ def main():
                         help="train a SimformerEnsemble of this many networks on the run's simulations and score the "
                              "mixture of their answers (recorded as members=K in the settings column; training time "
                              "and steps are the members' sums)")
+    parser.add_argument("--interval-sites", choices=["transform", "clip"], default="transform",
+                        help="Simformer(interval_sites=...): bounded-interval sites on a logit scale (default) or in "
+                             "their own coordinates with clipped denoised estimates (recorded as interval_sites=clip)")
     parser.add_argument("--checkpoints", default=None, metavar="DIR",
                         help="save each run's fitted networks under DIR and load them when a run is repeated, so that "
                              "a rerun with other queries or C2ST settings does not retrain")

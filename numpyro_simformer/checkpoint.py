@@ -98,6 +98,7 @@ def _options_record(sf) -> dict:
         "exclude_sites": sf.exclude_sites,
         "data_sites": sf.data_sites,
         "simulation_chunk_size": sf.simulation_chunk_size,
+        "interval_sites": sf.interval_sites,
         "progress_bar": sf.progress_bar,
     }
 
@@ -119,6 +120,7 @@ def _options_from_record(record: dict) -> dict:
         "exclude_sites": record["exclude_sites"],
         "data_sites": record["data_sites"],
         "simulation_chunk_size": record["simulation_chunk_size"],
+        "interval_sites": record.get("interval_sites", "transform"),  # absent before the option existed
         "progress_bar": record["progress_bar"],
     }
 
@@ -312,7 +314,8 @@ def load_simformer(path, model: Callable, model_args: tuple = (), model_kwargs: 
     sf.attention_mask = attention_mask
     sf._data_mask = data_mask
     sf._has_children = {name: bool(value) for name, value in graph["has_children"].items()}
-    sf.transform = TokenTransform(layout, tuple(site_bijection(site, supports[site.name]) for site in sites), mean, std)
+    sf.transform = TokenTransform(layout, tuple(site_bijection(site, supports[site.name], sf.interval_sites)
+                                                for site in sites), mean, std)
     sf._graphdef, sf._constants, sf.params = graphdef, restored["constants"], restored["params"]
     sf.history = history
     sf.simulation_info = simulation_info

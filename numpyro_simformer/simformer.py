@@ -34,12 +34,13 @@ from numpyro_simformer.parallel import resolve_devices
 from numpyro_simformer.nn import NetworkConfig, SimformerNetwork, build_denoiser_fn
 from numpyro_simformer.query import batched_observed_tokens, interval_bounds, observed_tokens, to_z_checked
 from numpyro_simformer.samplers import EulerMaruyama, GuidedEulerMaruyama, build_score_fn
+from numpyro_simformer.samplers.euler_maruyama import clip_score
 from numpyro_simformer.samplers.guidance import GaussianIntervalGuidance, IntervalBounds, build_interval_score_fn
 from numpyro_simformer.sde import VESDE
 from numpyro_simformer.simulate import SimulationInfo, filter_finite, simulate
 from numpyro_simformer.sites import is_factor, read_sites, trace_model
 from numpyro_simformer.train import TrainingConfig, train
-from numpyro_simformer.transforms import constant_support, fit_token_transform
+from numpyro_simformer.transforms import INTERVAL_SITES, constant_support, fit_token_transform
 
 __all__ = ["Simformer"]
 
@@ -124,6 +125,12 @@ class Simformer:
             trials): the elements along them share one embedding.
         points_per_dim: the most positions along each coordinate or exchangeable dim in one
             training example (each example draws between 1 and this many at random).
+        interval_sites: how sites whose support is a bounded interval (``Uniform(a, b)``,
+            ``Beta``) are represented. ``"transform"`` (default): on NumPyro's logit scale,
+            where every value the network produces maps inside the interval. ``"clip"``:
+            in their own coordinates, with every denoised estimate clipped to the interval
+            during sampling; better for posteriors that pile up against a bound (Two Moons:
+            see ``docs/bounded-sites.md``). Either way every returned value lies in the support.
         progress_bar: show progress bars for simulation, training (loss, steps/s, time
             left) and sampling (when a query takes several jitted calls).
     """
@@ -147,6 +154,7 @@ class Simformer:
         coordinates: Mapping[str, str] | None = None,
         exchangeable: Sequence[str] = (),
         points_per_dim: int = 20,
+        interval_sites: str = "transform",
         progress_bar: bool = True,
     ):
         if not callable(model):
@@ -177,6 +185,9 @@ class Simformer:
             raise TypeError("`exchangeable` takes a list of plate names, not a string.")
         if not isinstance(points_per_dim, (int, np.integer)) or points_per_dim < 1:
             raise ValueError(f"`points_per_dim` must be a positive integer, got {points_per_dim!r}.")
+        if interval_sites not in INTERVAL_SITES:
+            raise ValueError(f"`interval_sites` must be one of {INTERVAL_SITES}, got {interval_sites!r}.")
+        self.interval_sites = interval_sites
         self.coordinates = dict(coordinates or {})
         self.exchangeable = tuple(exchangeable)
         self.points_per_dim = int(points_per_dim)
@@ -360,7 +371,8 @@ class Simformer:
         # copy of the simulations costs host memory in proportion to their number.
         draws.clear()
         self.transform = fit_token_transform(self.layout, tokens, self._supports,
-                                             pool_nodes=self.variable_dims is not None)
+                                             pool_nodes=self.variable_dims is not None,
+                                             interval_sites=self.interval_sites)
         data = np.asarray(jax.jit(self.transform.to_z)(tokens))
         del tokens
         finite = np.all(np.isfinite(data), axis=1)
@@ -410,7 +422,7 @@ class Simformer:
         self._denoiser_fn = build_denoiser_fn(
             self._graphdef, self._constants, self.layout.node_ids, self.layout.coordinates, self.attention_mask
         )
-        self._score_fn = build_score_fn(self._denoiser_fn, self.sde)
+        self._score_fn = build_score_fn(self._denoiser_fn, self.sde, self.transform.z_bounds())
         self._sample_fns = {}
         self._log_prob_fns = {}
         self._default_query = _Query(self.layout, self.transform, self._score_fn, self._sample_fns,
@@ -485,7 +497,7 @@ class Simformer:
         transform = TokenTransform(layout, self.transform.bijections, node_mean[layout.node_ids],
                                    node_std[layout.node_ids])
         denoiser_fn = build_denoiser_fn(self._graphdef, self._constants, layout.node_ids, layout.coordinates, mask)
-        query = _Query(layout, transform, build_score_fn(denoiser_fn, self.sde), {}, {},
+        query = _Query(layout, transform, build_score_fn(denoiser_fn, self.sde, transform.z_bounds()), {}, {},
                        self._coordinate_values(layout, variable), mask, variable, kwargs)
         self._queries[cache_key] = query
         return query
@@ -741,20 +753,26 @@ class Simformer:
         return first, fixed, chunks
 
     def _sub_sample_fn(self, sampler, num_tokens: int, batched: bool):
-        """A jitted sampler over a token subset: ``fn(key, (params, node_ids, coordinates, mask), values, ...)``.
+        """A jitted sampler over a token subset: ``fn(key, (params, node_ids, coordinates, mask, bounds), values, ...)``.
 
-        The subset's identities and attention mask are arguments, so every chunk of one
-        size shares one compiled function.
+        The subset's identities, attention mask and clip bounds (``None`` when no site is
+        clipped) are arguments, so every chunk of one size shares one compiled function.
         """
         key = ("subset", sampler, num_tokens, batched)
         if key not in self._sample_fns:
 
             def denoiser_fn(packed, values, time, condition_mask):
-                params, node_ids, coordinates, attention_mask = packed
+                params, node_ids, coordinates, attention_mask, _ = packed
                 return self._denoiser_fn(params, values, time, condition_mask, coordinates=coordinates,
                                          attention_mask=attention_mask, node_ids=node_ids)
 
-            sample_fn = sampler.build(build_score_fn(denoiser_fn, self.sde), self.sde)
+            network_score_fn = build_score_fn(denoiser_fn, self.sde)
+
+            def score_fn(packed, x_t, time, condition_mask):
+                score, bounds = network_score_fn(packed, x_t, time, condition_mask), packed[4]
+                return score if bounds is None else clip_score(self.sde, score, x_t, time, *bounds)
+
+            sample_fn = sampler.build(score_fn, self.sde)
             if batched:  # one draw per row of observed values
                 one = lambda rng_key, packed, values, mask: sample_fn(rng_key, packed, values, mask, 1)[0]
                 self._sample_fns[key] = jax.jit(jax.vmap(one, in_axes=(0, None, 0, None)))
@@ -764,8 +782,10 @@ class Simformer:
 
     def _packed(self, query, tokens):
         mask = np.asarray(query.attention_mask)[np.ix_(tokens, tokens)]
+        bounds = query.transform.z_bounds()
+        bounds = None if bounds is None else (jnp.asarray(bounds[0][tokens]), jnp.asarray(bounds[1][tokens]))
         return (self.params, jnp.asarray(query.layout.node_ids[tokens]), jnp.asarray(query.layout.coordinates[tokens]),
-                jnp.asarray(mask))
+                jnp.asarray(mask), bounds)
 
     def _sample_z_split(self, rng_key, sampler, query, plan, z_observed, condition_mask, num_samples, batch_size):
         """(num_samples, num_tokens) in z-space by the split of :meth:`_split_plan`."""

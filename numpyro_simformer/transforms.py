@@ -11,6 +11,11 @@ rounded (and clipped to their bounds) on the way out.
 A simplex site (``Dirichlet``) keeps one token per element through its centred log-ratio
 (:class:`SimplexLogRatio`): ``K`` tokens that sum to zero, mapped back by a softmax, which
 lands on the simplex wherever the network puts them.
+
+With ``interval_sites="clip"``, a site on a bounded interval (``Uniform(a, b)``, ``Beta``)
+is not mapped to a logit: it stays in its own coordinates (:class:`IntervalClip`) and the
+samplers project every denoised estimate onto the interval
+(:func:`numpyro_simformer.samplers.euler_maruyama.build_score_fn`).
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from numpyro.distributions.transforms import biject_to
 from numpyro_simformer.layout import TokenLayout
 from numpyro_simformer.sites import SiteInfo, support_bounds
 
-__all__ = ["site_bijection", "SimplexLogRatio", "base_transform", "couples_elements", "TokenTransform", "fit_token_transform"]
+__all__ = ["site_bijection", "SimplexLogRatio", "IntervalClip", "INTERVAL_SITES", "base_transform", "couples_elements", "TokenTransform", "fit_token_transform"]
 
 
 class SimplexLogRatio(numpyro_transforms.Transform):
@@ -64,6 +69,65 @@ class SimplexLogRatio(numpyro_transforms.Transform):
         return isinstance(other, SimplexLogRatio)
 
 
+class IntervalClip(numpyro_transforms.Transform):
+    """R -> [lower, upper]: the identity, clipped to the interval (its inverse: the identity, NaN outside).
+
+    The representation of an interval site under ``interval_sites="clip"``: the network
+    sees the site in its own coordinates, so a posterior that piles up against a bound
+    stays a step at a finite place instead of a tail running off to infinity in logit
+    space. The samplers clip the denoised estimates of these tokens to the interval, so the
+    final clip here only removes rounding. For an open interval the clip stops one float32
+    step (or a relative float32 epsilon) inside each bound. The Jacobian is 1 (inside the interval).
+    """
+
+    domain = constraints.real
+
+    def __init__(self, lower, upper, open_bounds: bool = False):
+        self.lower = np.asarray(lower, dtype=np.float32)
+        self.upper = np.asarray(upper, dtype=np.float32)
+        self.open_bounds = bool(open_bounds)
+
+    @property
+    def codomain(self):
+        return (constraints.open_interval if self.open_bounds else constraints.interval)(self.lower, self.upper)
+
+    def clip_bounds(self):
+        """The closed interval the values are clipped to (just inside an open one)."""
+        if not self.open_bounds:
+            return self.lower, self.upper
+        # The next float32 inwards, or a relative step where that would be a denormal
+        # (which XLA flushes to zero, back onto the bound).
+        step = np.finfo(np.float32).eps * (self.upper - self.lower)
+        lower = np.maximum(np.nextafter(self.lower, self.upper), self.lower + step)
+        upper = np.minimum(np.nextafter(self.upper, self.lower), self.upper - step)
+        return lower.astype(np.float32), upper.astype(np.float32)
+
+    def __call__(self, x):
+        lower, upper = self.clip_bounds()
+        return jnp.clip(x, lower, upper)
+
+    def _inverse(self, y):
+        # NaN outside the interval, as a logit gives: such points have no density (-inf).
+        return jnp.where(self.codomain(y), y, jnp.nan)
+
+    def log_abs_det_jacobian(self, x, y, intermediates=None):
+        return jnp.zeros(jnp.shape(x))
+
+    def tree_flatten(self):
+        return (), ((), {"lower": self.lower, "upper": self.upper, "open_bounds": self.open_bounds})
+
+    def __eq__(self, other):
+        return (isinstance(other, IntervalClip) and self.open_bounds == other.open_bounds
+                and np.array_equal(self.lower, other.lower) and np.array_equal(self.upper, other.upper))
+
+    __hash__ = None
+
+
+# How sites on a bounded interval are represented: "transform" (NumPyro's logit bijection)
+# or "clip" (their own coordinates, denoised estimates clipped to the interval).
+INTERVAL_SITES = ("transform", "clip")
+
+
 def base_transform(bijection):
     """The transform inside any ``IndependentTransform`` wrappers (which only sum over event dims)."""
     while isinstance(bijection, numpyro_transforms.IndependentTransform):
@@ -76,18 +140,28 @@ def couples_elements(bijection) -> bool:
     return base_transform(bijection).domain.event_dim > 0
 
 
-def site_bijection(site: SiteInfo, support=None):
+def site_bijection(site: SiteInfo, support=None, interval_sites: str = "transform"):
     """The map from unconstrained space onto ``site``'s support, one coordinate per element.
 
-    NumPyro's ``biject_to(support)``, except for a simplex: :class:`SimplexLogRatio`.
+    NumPyro's ``biject_to(support)``, except for a simplex (:class:`SimplexLogRatio`) and,
+    with ``interval_sites="clip"``, for a support that is a bounded interval
+    (:class:`IntervalClip`).
 
     Raises:
         NotImplementedError: when the support's bijection changes the shape (correlation
             matrices, ...): those sites cannot be tokens element by element yet.
     """
     support = site.support if support is None else support
+    if interval_sites not in INTERVAL_SITES:
+        raise ValueError(f"`interval_sites` must be one of {INTERVAL_SITES}, got {interval_sites!r}.")
     if site.is_discrete:
         return numpyro_transforms.IdentityTransform()
+    base_support = getattr(support, "base_constraint", support)
+    if interval_sites == "clip" and isinstance(base_support, constraints._Interval):
+        lower, upper = support_bounds(support)
+        shape = tuple(site.shape)
+        return IntervalClip(np.broadcast_to(lower, shape), np.broadcast_to(upper, shape),
+                            open_bounds=isinstance(base_support, constraints._OpenInterval))
     if isinstance(getattr(support, "base_constraint", support), type(constraints.simplex)):
         base = SimplexLogRatio()
         batch_ndim = getattr(support, "reinterpreted_batch_ndims", 0)
@@ -160,6 +234,26 @@ class TokenTransform:
         """z-space -> constrained tokens."""
         return self.constrain(z * self.std + self.mean)
 
+    def z_bounds(self):
+        """Per-token ``(lower, upper)`` in z-space of the :class:`IntervalClip` sites, or ``None``.
+
+        float32 arrays (num_tokens,); ``-inf``/``inf`` for every other token. ``None`` when
+        no site is clipped, so that the score is left exactly as the network gives it.
+        """
+        if not any(isinstance(bijection, IntervalClip) for bijection in self.bijections):
+            return None
+        lower = np.full(self.layout.num_tokens, -np.inf, np.float32)
+        upper = np.full(self.layout.num_tokens, np.inf, np.float32)
+        slices = self.layout.slices()
+        for site, bijection in zip(self.layout.sites, self.bijections):
+            if isinstance(bijection, IntervalClip):
+                low, high = bijection.clip_bounds()
+                lower[slices[site.name]] = np.ravel(np.broadcast_to(low, site.shape))
+                upper[slices[site.name]] = np.ravel(np.broadcast_to(high, site.shape))
+        lower = np.where(np.isfinite(lower), (lower - self.mean) / self.std, -np.inf)
+        upper = np.where(np.isfinite(upper), (upper - self.mean) / self.std, np.inf)
+        return lower.astype(np.float32), upper.astype(np.float32)
+
     def log_abs_det_jacobian_from_z(self, z):
         """log |d constrained / d z| summed over tokens, for each leading index of ``z``.
 
@@ -178,7 +272,8 @@ class TokenTransform:
         return total
 
 
-def fit_token_transform(layout: TokenLayout, tokens: np.ndarray, supports=None, pool_nodes: bool = False) -> TokenTransform:
+def fit_token_transform(layout: TokenLayout, tokens: np.ndarray, supports=None, pool_nodes: bool = False,
+                        interval_sites: str = "transform") -> TokenTransform:
     """Bijections for each site and z-scoring statistics from simulated constrained tokens.
 
     Args:
@@ -188,9 +283,10 @@ def fit_token_transform(layout: TokenLayout, tokens: np.ndarray, supports=None, 
             site's support depends on its parents and a constant fallback was chosen).
         pool_nodes: share one mean and std among the tokens of a node id (the elements of
             a variable-size dim, whose positions change between training and queries).
+        interval_sites: ``"transform"`` or ``"clip"``, see :func:`site_bijection`.
     """
     bijections = tuple(
-        site_bijection(site, None if supports is None else supports[site.name])
+        site_bijection(site, None if supports is None else supports[site.name], interval_sites)
         for site in layout.sites
     )
     transform = TokenTransform(layout, bijections, np.zeros(layout.num_tokens, np.float32),
