@@ -315,9 +315,9 @@ def main():
                         help="train a SimformerEnsemble of this many networks on the run's simulations and score the "
                              "mixture of their answers (recorded as members=K in the settings column; training time "
                              "and steps are the members' sums)")
-    parser.add_argument("--interval-sites", choices=["transform", "clip"], default="transform",
+    parser.add_argument("--interval-sites", choices=["transform", "reflect", "reject"], default="transform",
                         help="Simformer(interval_sites=...): bounded-interval sites on a logit scale (default) or in "
-                             "their own coordinates with clipped denoised estimates (recorded as interval_sites=clip)")
+                             "their own coordinates, draws outside mirrored back or redrawn (recorded as interval_sites=...)")
     parser.add_argument("--checkpoints", default=None, metavar="DIR",
                         help="save each run's fitted networks under DIR and load them when a run is repeated, so that "
                              "a rerun with other queries or C2ST settings does not retrain")

@@ -141,6 +141,13 @@ class SimformerEnsemble:
             mixed = mixed.isel(draw=order).assign_coords(draw=np.arange(num_samples))
             tree[group] = xr.DataTree(mixed)
         tree.attrs = dict(trees[0].attrs, ensemble_members=self.num_members)
+        if "draws_outside_support" in tree.attrs:  # interval_sites="reject": the members' counts together
+            outside = np.sum([np.asarray(t.attrs["draws_outside_support"]) for t in trees], axis=0)
+            # the mixture's mass inside: the members' shares inside, weighted as they are mixed
+            acceptance = np.sum([share * np.asarray(t.attrs["support_acceptance"]) for t, share in zip(trees, shares)],
+                                axis=0) / num_samples
+            tree.attrs["draws_outside_support"] = outside.tolist()
+            tree.attrs["support_acceptance"] = acceptance.tolist()
         return tree
 
     def log_prob(self, values: Mapping, *, rng_key=None, **query) -> np.ndarray:

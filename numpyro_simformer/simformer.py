@@ -34,13 +34,13 @@ from numpyro_simformer.parallel import resolve_devices
 from numpyro_simformer.nn import NetworkConfig, SimformerNetwork, build_denoiser_fn
 from numpyro_simformer.query import batched_observed_tokens, interval_bounds, observed_tokens, to_z_checked
 from numpyro_simformer.samplers import EulerMaruyama, GuidedEulerMaruyama, build_score_fn
-from numpyro_simformer.samplers.euler_maruyama import clip_score
 from numpyro_simformer.samplers.guidance import GaussianIntervalGuidance, IntervalBounds, build_interval_score_fn
 from numpyro_simformer.sde import VESDE
 from numpyro_simformer.simulate import SimulationInfo, filter_finite, simulate
 from numpyro_simformer.sites import is_factor, read_sites, trace_model
 from numpyro_simformer.train import TrainingConfig, train
-from numpyro_simformer.transforms import INTERVAL_SITES, constant_support, fit_token_transform
+from numpyro_simformer.rejection import SUPPORT_STREAM, draws_in_support, inside_support
+from numpyro_simformer.transforms import INTERVAL_SITES, IntervalReflect, constant_support, fit_token_transform
 
 __all__ = ["Simformer"]
 
@@ -127,10 +127,13 @@ class Simformer:
             training example (each example draws between 1 and this many at random).
         interval_sites: how sites whose support is a bounded interval (``Uniform(a, b)``,
             ``Beta``) are represented. ``"transform"`` (default): on NumPyro's logit scale,
-            where every value the network produces maps inside the interval. ``"clip"``:
-            in their own coordinates, with every denoised estimate clipped to the interval
-            during sampling; better for posteriors that pile up against a bound (Two Moons:
-            see ``docs/bounded-sites.md``). Either way every returned value lies in the support.
+            where every value the network produces maps inside the interval. ``"reflect"``:
+            in their own coordinates, a draw beyond a bound mirrored back inside (no
+            :meth:`log_prob` for such sites). ``"reject"``: in their own coordinates,
+            draws outside the interval redrawn by :meth:`sample` (the network's answer
+            restricted to the support) and :meth:`log_prob` renormalised. For posteriors
+            cut off by a bound; which is better depends on the model, measured in
+            ``docs/bounded-sites.md``. Every returned value lies in the support.
         progress_bar: show progress bars for simulation, training (loss, steps/s, time
             left) and sampling (when a query takes several jitted calls).
     """
@@ -422,7 +425,7 @@ class Simformer:
         self._denoiser_fn = build_denoiser_fn(
             self._graphdef, self._constants, self.layout.node_ids, self.layout.coordinates, self.attention_mask
         )
-        self._score_fn = build_score_fn(self._denoiser_fn, self.sde, self.transform.z_bounds())
+        self._score_fn = build_score_fn(self._denoiser_fn, self.sde)
         self._sample_fns = {}
         self._log_prob_fns = {}
         self._default_query = _Query(self.layout, self.transform, self._score_fn, self._sample_fns,
@@ -497,7 +500,7 @@ class Simformer:
         transform = TokenTransform(layout, self.transform.bijections, node_mean[layout.node_ids],
                                    node_std[layout.node_ids])
         denoiser_fn = build_denoiser_fn(self._graphdef, self._constants, layout.node_ids, layout.coordinates, mask)
-        query = _Query(layout, transform, build_score_fn(denoiser_fn, self.sde, transform.z_bounds()), {}, {},
+        query = _Query(layout, transform, build_score_fn(denoiser_fn, self.sde), {}, {},
                        self._coordinate_values(layout, variable), mask, variable, kwargs)
         self._queries[cache_key] = query
         return query
@@ -607,7 +610,11 @@ class Simformer:
             ``observed_data`` (with ``{site}_lower``/``{site}_upper`` for intervals); dims
             ``(chain, draw, *site dims)``, or ``(chain, draw, observation, *site dims)``
             for a batch of observations. Observation ``i`` of a batch equals the unbatched
-            query with key ``jax.random.fold_in(rng_key, i)``.
+            query with key ``jax.random.fold_in(rng_key, i)`` (under
+            ``interval_sites="reject"``, only when no draw had to be redrawn; otherwise
+            in distribution). Under ``interval_sites="reject"`` the root's attrs
+            ``draws_outside_support`` and ``support_acceptance`` count the draws
+            rejected and the share kept (one entry per observation of a batch).
         """
         check_rng_key(rng_key, "Simformer.sample")
         if not isinstance(num_samples, (int, np.integer)) or num_samples <= 0:
@@ -635,15 +642,24 @@ class Simformer:
         plan = None
         if num_observations is None and bounds is None:
             plan = self._split_plan(query, condition_mask[0])
-        if plan is not None:
-            z = self._sample_z_split(rng_key, sampler, query, plan, z_observed[0], condition_mask[0], num_samples,
-                                     batch_size)[:, None]
-        elif num_observations is None:
-            z = self._sample_z(rng_key, sampler, z_observed[0], condition_mask[0], num_samples, batch_size, **options)
-            z = z[:, None]  # (draw, observation, token)
+
+        def draw(key, count):  # (draw, observation, token) in z-space
+            if plan is not None:
+                return self._sample_z_split(key, sampler, query, plan, z_observed[0], condition_mask[0], count,
+                                            batch_size)[:, None]
+            if num_observations is None:
+                return self._sample_z(key, sampler, z_observed[0], condition_mask[0], count, batch_size,
+                                      **options)[:, None]
+            return jnp.swapaxes(self._sample_z_batched(key, sampler, z_observed, condition_mask, count, batch_size,
+                                                       **options), 0, 1)
+
+        z_bounds = query.transform.z_bounds()
+        if z_bounds is None:
+            z, support = draw(rng_key, num_samples), None
         else:
-            z = self._sample_z_batched(rng_key, sampler, z_observed, condition_mask, num_samples, batch_size, **options)
-            z = jnp.swapaxes(z, 0, 1)
+            z, drawn, inside = draws_in_support(draw, rng_key, num_samples, *z_bounds, ~np.asarray(condition_mask),
+                                                describe=lambda index: self._bounded_latent(query, condition_mask[index]))
+            support = (drawn, inside)
         tokens = np.asarray(jax.jit(query.transform.from_z)(z), dtype=np.float64)
         tokens = np.where(condition_mask, values, tokens)
         if num_observations is None:
@@ -655,10 +671,22 @@ class Simformer:
                                  deterministic_key=deterministic_key)
         if bounds is not None:
             tree.attrs["guidance"] = repr(guidance)
+        if support is not None:  # interval_sites="reject": what was redrawn
+            drawn, inside = support if num_observations is not None else (support[0][0], support[1][0])
+            tree.attrs["draws_outside_support"] = np.asarray(drawn - inside).tolist()
+            tree.attrs["support_acceptance"] = np.asarray(inside / drawn).tolist()
         return tree
 
+    def _bounded_latent(self, query, condition_mask) -> str:
+        """The latent sites of a query that draws can leave (``interval_sites="reject"``)."""
+        bounded = np.isfinite(query.transform.z_bounds()[0]) & ~np.asarray(condition_mask)
+        site_index = query.layout.site_of_token()
+        names = dict.fromkeys(query.layout.sites[site_index[token]].name for token in np.flatnonzero(bounded))
+        return "latent bounded sites " + ", ".join(repr(name) for name in names)
+
     def log_prob(self, values: Mapping, *, observed: Mapping | None = None, rng_key=None, density=None,
-                 batch_size: int = 1_000, model_kwargs: Mapping | None = None) -> np.ndarray:
+                 batch_size: int = 1_000, model_kwargs: Mapping | None = None,
+                 support_draws: int = 4_000) -> np.ndarray:
         """Log density of any conditional, ``log p(values | observed)``, in the user's space.
 
         Integrates the probability-flow ODE with its divergence and adds the Jacobians of the
@@ -668,11 +696,18 @@ class Simformer:
             values: ``{site: array (num_points, *site shape)}`` for every site with an
                 unobserved element (elements that are observed are ignored).
             observed: ``{site: array}`` as in :meth:`sample` (one observation; NaN = latent).
-            rng_key: needed only for Hutchinson's estimator (more latent tokens than
-                ``density.exact_trace_max_dim``).
+            rng_key: needed for Hutchinson's estimator (more latent tokens than
+                ``density.exact_trace_max_dim``) and, under ``interval_sites="reject"``,
+                for the share of the network's mass inside the support.
             density: a :class:`~numpyro_simformer.density.ProbabilityFlowLogDensity`.
             batch_size: points per jitted call.
             model_kwargs: the model's keyword arguments for this query, as in :meth:`sample`.
+            support_draws: under ``interval_sites="reject"`` with a bounded site latent,
+                the density is the network's restricted to the support, so it is divided
+                by the share ``p`` of the network's mass inside, estimated from this many
+                draws of the probability-flow ODE that ``density`` integrates (standard
+                error of ``log p`` about ``sqrt((1 - p) / (support_draws p))``). Unused
+                otherwise.
 
         Returns:
             float64 array (num_points,): the log density at each point (``-inf`` outside the
@@ -692,12 +727,48 @@ class Simformer:
         observed_values, condition_mask = observed_tokens(query.layout, observed, excluded_sites=self.exclude_sites)
         to_z_checked(query.layout, query.transform, observed_values, condition_mask)  # observed in support
         tokens = points_to_tokens(query.layout, values, observed_values, condition_mask)
+        reflected = [site.name for site, bijection in zip(query.layout.sites, query.transform.bijections)
+                     if isinstance(bijection, IntervalReflect) and not condition_mask[query.layout.slices()[site.name]].all()]
+        if reflected:
+            raise NotImplementedError(
+                f"Sites {reflected} are latent and use interval_sites='reflect', whose fold at the bounds is not "
+                "one-to-one: there is no log density to change variables with. For densities, fit with "
+                "interval_sites='reject' (the network's density restricted to the support) or 'transform'."
+            )
+        z_bounds = query.transform.z_bounds()
+        bounded_latent = z_bounds is not None and bool(np.any(np.isfinite(z_bounds[0]) & ~condition_mask))
+        if bounded_latent and rng_key is None:
+            raise ValueError(
+                f"With interval_sites='reject' and {self._bounded_latent(query, condition_mask)} latent, the log "
+                "density is renormalised by the share of the network's draws inside the support, estimated by "
+                "sampling: pass `rng_key`."
+            )
         if density not in query.log_prob_fns:
             query.log_prob_fns[density] = jax.jit(density.build(query.score_fn, self.sde), static_argnames="exact")
-        return conditional_log_prob(
+        log_density = conditional_log_prob(
             rng_key, query.log_prob_fns[density], self.params, query.transform, tokens, condition_mask,
             exact_trace_max_dim=density.exact_trace_max_dim, num_probes=density.num_probes, batch_size=batch_size,
         )
+        if not bounded_latent:
+            return log_density
+        if not isinstance(support_draws, (int, np.integer)) or support_draws <= 0:
+            raise ValueError(f"`support_draws` must be a positive integer, got {support_draws!r}.")
+        from numpyro_simformer.samplers import ProbabilityFlowODE
+
+        z_observed = to_z_checked(query.layout, query.transform, observed_values, condition_mask)
+        # The normaliser from the flow the density integrates: its solver and tolerances.
+        flow = ProbabilityFlowODE(solver=density.solver, num_steps=density.num_steps, rtol=density.rtol,
+                                  atol=density.atol, max_steps=density.max_steps, final_denoise=False)
+        z = self._sample_z(jax.random.fold_in(rng_key, SUPPORT_STREAM), flow, z_observed,
+                           condition_mask, support_draws, batch_size, query=query)
+        acceptance = float(np.mean(inside_support(np.asarray(z)[:, None], *z_bounds, ~condition_mask[None])))
+        if acceptance == 0.0:
+            raise RuntimeError(
+                f"None of {support_draws} draws of the network lies inside the support of the "
+                f"{self._bounded_latent(query, condition_mask)}: the restricted density is undefined here. "
+                "Use interval_sites='transform' for this model."
+            )
+        return log_density - np.log(acceptance)
 
     def _sample_z(self, rng_key, sampler, z_observed, condition_mask, num_samples, batch_size, *,
                   params=None, guidance=None, query=None):
@@ -753,26 +824,20 @@ class Simformer:
         return first, fixed, chunks
 
     def _sub_sample_fn(self, sampler, num_tokens: int, batched: bool):
-        """A jitted sampler over a token subset: ``fn(key, (params, node_ids, coordinates, mask, bounds), values, ...)``.
+        """A jitted sampler over a token subset: ``fn(key, (params, node_ids, coordinates, mask), values, ...)``.
 
-        The subset's identities, attention mask and clip bounds (``None`` when no site is
-        clipped) are arguments, so every chunk of one size shares one compiled function.
+        The subset's identities and attention mask are arguments, so every chunk of one
+        size shares one compiled function.
         """
         key = ("subset", sampler, num_tokens, batched)
         if key not in self._sample_fns:
 
             def denoiser_fn(packed, values, time, condition_mask):
-                params, node_ids, coordinates, attention_mask, _ = packed
+                params, node_ids, coordinates, attention_mask = packed
                 return self._denoiser_fn(params, values, time, condition_mask, coordinates=coordinates,
                                          attention_mask=attention_mask, node_ids=node_ids)
 
-            network_score_fn = build_score_fn(denoiser_fn, self.sde)
-
-            def score_fn(packed, x_t, time, condition_mask):
-                score, bounds = network_score_fn(packed, x_t, time, condition_mask), packed[4]
-                return score if bounds is None else clip_score(self.sde, score, x_t, time, *bounds)
-
-            sample_fn = sampler.build(score_fn, self.sde)
+            sample_fn = sampler.build(build_score_fn(denoiser_fn, self.sde), self.sde)
             if batched:  # one draw per row of observed values
                 one = lambda rng_key, packed, values, mask: sample_fn(rng_key, packed, values, mask, 1)[0]
                 self._sample_fns[key] = jax.jit(jax.vmap(one, in_axes=(0, None, 0, None)))
@@ -782,10 +847,8 @@ class Simformer:
 
     def _packed(self, query, tokens):
         mask = np.asarray(query.attention_mask)[np.ix_(tokens, tokens)]
-        bounds = query.transform.z_bounds()
-        bounds = None if bounds is None else (jnp.asarray(bounds[0][tokens]), jnp.asarray(bounds[1][tokens]))
         return (self.params, jnp.asarray(query.layout.node_ids[tokens]), jnp.asarray(query.layout.coordinates[tokens]),
-                jnp.asarray(mask), bounds)
+                jnp.asarray(mask))
 
     def _sample_z_split(self, rng_key, sampler, query, plan, z_observed, condition_mask, num_samples, batch_size):
         """(num_samples, num_tokens) in z-space by the split of :meth:`_split_plan`."""

@@ -12,10 +12,11 @@ A simplex site (``Dirichlet``) keeps one token per element through its centred l
 (:class:`SimplexLogRatio`): ``K`` tokens that sum to zero, mapped back by a softmax, which
 lands on the simplex wherever the network puts them.
 
-With ``interval_sites="clip"``, a site on a bounded interval (``Uniform(a, b)``, ``Beta``)
-is not mapped to a logit: it stays in its own coordinates (:class:`IntervalClip`) and the
-samplers project every denoised estimate onto the interval
-(:func:`numpyro_simformer.samplers.euler_maruyama.build_score_fn`).
+With ``interval_sites="reflect"`` or ``"reject"``, a site on a bounded interval
+(``Uniform(a, b)``, ``Beta``) is not mapped to a logit: it stays in its own coordinates,
+and a draw the network puts outside the interval is mirrored back in
+(:class:`IntervalReflect`) or redrawn by :meth:`Simformer.sample
+<numpyro_simformer.Simformer.sample>` (:class:`IntervalClip`).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from numpyro.distributions.transforms import biject_to
 from numpyro_simformer.layout import TokenLayout
 from numpyro_simformer.sites import SiteInfo, support_bounds
 
-__all__ = ["site_bijection", "SimplexLogRatio", "IntervalClip", "INTERVAL_SITES", "base_transform", "couples_elements", "TokenTransform", "fit_token_transform"]
+__all__ = ["site_bijection", "SimplexLogRatio", "IntervalClip", "IntervalReflect", "INTERVAL_SITES", "base_transform", "couples_elements", "TokenTransform", "fit_token_transform"]
 
 
 class SimplexLogRatio(numpyro_transforms.Transform):
@@ -72,12 +73,12 @@ class SimplexLogRatio(numpyro_transforms.Transform):
 class IntervalClip(numpyro_transforms.Transform):
     """R -> [lower, upper]: the identity, clipped to the interval (its inverse: the identity, NaN outside).
 
-    The representation of an interval site under ``interval_sites="clip"``: the network
-    sees the site in its own coordinates, so a posterior that piles up against a bound
-    stays a step at a finite place instead of a tail running off to infinity in logit
-    space. The samplers clip the denoised estimates of these tokens to the interval, so the
-    final clip here only removes rounding. For an open interval the clip stops one float32
-    step (or a relative float32 epsilon) inside each bound. The Jacobian is 1 (inside the interval).
+    The representation of an interval site under ``interval_sites="reject"``: the network
+    sees the site in its own coordinates, so a posterior cut off by a bound keeps a step at
+    a finite place instead of a tail running off to infinity in logit space. Draws outside
+    the interval are rejected before they get here, so the clip only removes rounding. For
+    an open interval it stops one float32 step (or a relative float32 epsilon) inside each
+    bound. The Jacobian is 1 (inside the interval).
     """
 
     domain = constraints.real
@@ -116,16 +117,42 @@ class IntervalClip(numpyro_transforms.Transform):
     def tree_flatten(self):
         return (), ((), {"lower": self.lower, "upper": self.upper, "open_bounds": self.open_bounds})
 
+    # Whether Simformer.sample redraws the values outside the interval (z_bounds).
+    rejects_outside = True
+
     def __eq__(self, other):
-        return (isinstance(other, IntervalClip) and self.open_bounds == other.open_bounds
+        return (type(other) is type(self) and self.open_bounds == other.open_bounds
                 and np.array_equal(self.lower, other.lower) and np.array_equal(self.upper, other.upper))
+
+
+class IntervalReflect(IntervalClip):
+    """R -> [lower, upper]: the identity inside, mirrored at the bounds outside (a fold).
+
+    The representation of an interval site under ``interval_sites="reflect"``: trained in
+    its own coordinates like :class:`IntervalClip`, but a value the network puts beyond a
+    bound is mirrored back inside (``upper + d`` becomes ``upper - d``; repeated for values
+    more than a width away). Where the network blurs a density that is high at the bound,
+    the mass it spills over is the mass it misses just inside, and the mirror puts it back.
+    The map is not one-to-one, so there is no density to change variables with: log
+    densities with such a site latent raise.
+    """
+
+    rejects_outside = False
+
+    def __call__(self, x):
+        width = self.upper - self.lower
+        offset = jnp.mod(x - self.lower, 2.0 * width)
+        folded = self.lower + jnp.where(offset > width, 2.0 * width - offset, offset)
+        folded = jnp.where((x >= self.lower) & (x <= self.upper), x, folded)  # inside: exactly x
+        return super().__call__(folded)  # rounding, and an open interval's bounds
 
     __hash__ = None
 
 
-# How sites on a bounded interval are represented: "transform" (NumPyro's logit bijection)
-# or "clip" (their own coordinates, denoised estimates clipped to the interval).
-INTERVAL_SITES = ("transform", "clip")
+# How sites on a bounded interval are represented: "transform" (NumPyro's logit bijection),
+# or in their own coordinates with draws outside the interval "reflect"ed back in or
+# "reject"ed and redrawn.
+INTERVAL_SITES = ("transform", "reflect", "reject")
 
 
 def base_transform(bijection):
@@ -144,8 +171,8 @@ def site_bijection(site: SiteInfo, support=None, interval_sites: str = "transfor
     """The map from unconstrained space onto ``site``'s support, one coordinate per element.
 
     NumPyro's ``biject_to(support)``, except for a simplex (:class:`SimplexLogRatio`) and,
-    with ``interval_sites="clip"``, for a support that is a bounded interval
-    (:class:`IntervalClip`).
+    with ``interval_sites="reflect"`` or ``"reject"``, for a support that is a bounded
+    interval (:class:`IntervalReflect`, :class:`IntervalClip`).
 
     Raises:
         NotImplementedError: when the support's bijection changes the shape (correlation
@@ -157,11 +184,12 @@ def site_bijection(site: SiteInfo, support=None, interval_sites: str = "transfor
     if site.is_discrete:
         return numpyro_transforms.IdentityTransform()
     base_support = getattr(support, "base_constraint", support)
-    if interval_sites == "clip" and isinstance(base_support, constraints._Interval):
+    if interval_sites != "transform" and isinstance(base_support, constraints._Interval):
         lower, upper = support_bounds(support)
         shape = tuple(site.shape)
-        return IntervalClip(np.broadcast_to(lower, shape), np.broadcast_to(upper, shape),
-                            open_bounds=isinstance(base_support, constraints._OpenInterval))
+        kind = IntervalReflect if interval_sites == "reflect" else IntervalClip
+        return kind(np.broadcast_to(lower, shape), np.broadcast_to(upper, shape),
+                    open_bounds=isinstance(base_support, constraints._OpenInterval))
     if isinstance(getattr(support, "base_constraint", support), type(constraints.simplex)):
         base = SimplexLogRatio()
         batch_ndim = getattr(support, "reinterpreted_batch_ndims", 0)
@@ -235,18 +263,19 @@ class TokenTransform:
         return self.constrain(z * self.std + self.mean)
 
     def z_bounds(self):
-        """Per-token ``(lower, upper)`` in z-space of the :class:`IntervalClip` sites, or ``None``.
+        """Per-token ``(lower, upper)`` in z-space of the sites whose draws outside are
+        rejected (:class:`IntervalClip`), or ``None``.
 
         float32 arrays (num_tokens,); ``-inf``/``inf`` for every other token. ``None`` when
-        no site is clipped, so that the score is left exactly as the network gives it.
+        no site has one: there is nothing to reject.
         """
-        if not any(isinstance(bijection, IntervalClip) for bijection in self.bijections):
+        if not any(getattr(bijection, "rejects_outside", False) for bijection in self.bijections):
             return None
         lower = np.full(self.layout.num_tokens, -np.inf, np.float32)
         upper = np.full(self.layout.num_tokens, np.inf, np.float32)
         slices = self.layout.slices()
         for site, bijection in zip(self.layout.sites, self.bijections):
-            if isinstance(bijection, IntervalClip):
+            if getattr(bijection, "rejects_outside", False):
                 low, high = bijection.clip_bounds()
                 lower[slices[site.name]] = np.ravel(np.broadcast_to(low, site.shape))
                 upper[slices[site.name]] = np.ravel(np.broadcast_to(high, site.shape))
@@ -283,7 +312,7 @@ def fit_token_transform(layout: TokenLayout, tokens: np.ndarray, supports=None, 
             site's support depends on its parents and a constant fallback was chosen).
         pool_nodes: share one mean and std among the tokens of a node id (the elements of
             a variable-size dim, whose positions change between training and queries).
-        interval_sites: ``"transform"`` or ``"clip"``, see :func:`site_bijection`.
+        interval_sites: ``"transform"``, ``"reflect"`` or ``"reject"``, see :func:`site_bijection`.
     """
     bijections = tuple(
         site_bijection(site, None if supports is None else supports[site.name], interval_sites)

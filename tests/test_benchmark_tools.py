@@ -117,8 +117,8 @@ def test_runner_settings_and_appending_to_an_older_csv(tmp_path):
     args = run.argparse.Namespace(training=[("batch_size", 256)], network=[("num_layers", 4)], max_steps=40_000,
                                   members=1, interval_sites="transform")
     assert run.settings_label(args) == "training.batch_size=256 network.num_layers=4 training.max_steps=40000"
-    ensemble = run.argparse.Namespace(training=[], network=[], max_steps=None, members=3, interval_sites="clip")
-    assert run.settings_label(ensemble) == "members=3 interval_sites=clip"
+    ensemble = run.argparse.Namespace(training=[], network=[], max_steps=None, members=3, interval_sites="reject")
+    assert run.settings_label(ensemble) == "members=3 interval_sites=reject"
     assert run.run_label("two_moons", 10_000, "dense", 1, "members=3 training.batch_size=256") == (
         "two_moons_10000_dense_seed1_members-3_training.batch_size-256")
 

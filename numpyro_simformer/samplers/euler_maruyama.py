@@ -16,43 +16,20 @@ import jax.numpy as jnp
 
 from numpyro_simformer.loss import network_input
 
-__all__ = ["EulerMaruyama", "build_score_fn", "clip_score"]
+__all__ = ["EulerMaruyama", "build_score_fn"]
 
 
-def clip_score(sde, score, x_t, time, lower, upper):
-    """The score whose denoised estimate ``E[x_0 | x_t]`` is clipped to ``[lower, upper]``.
-
-    Per token: with ``D = (x_t + sigma^2 score) / alpha``, the returned score is
-    ``(alpha clip(D) - x_t) / sigma^2`` where ``D`` leaves the bounds, and ``score`` itself
-    elsewhere (bit for bit). When the data lie in the box ``[lower, upper]``, so does the
-    exact ``E[x_0 | x_t]``, and projecting an estimate onto a convex set never moves it
-    farther from any point of the set: the clipped denoiser is never worse than the
-    network's. Infinite bounds leave a token alone.
-    """
-    alpha, sigma = sde.marginal(time)
-    alpha, variance = alpha[..., None], sigma[..., None] ** 2
-    denoised = (x_t + variance * score) / alpha
-    outside = (denoised < lower) | (denoised > upper)
-    clipped_score = (alpha * jnp.clip(denoised, lower, upper) - x_t) / variance
-    return jnp.where(outside, clipped_score, score)
-
-
-def build_score_fn(denoiser_fn, sde, bounds=None):
+def build_score_fn(denoiser_fn, sde):
     """``score_fn(params, x_t, time, condition_mask) -> score`` from the noise predictor.
 
     ``x_t``: (batch, num_tokens); ``time``: (batch,). The score of observed tokens is
-    meaningless and should be ignored by callers. ``bounds``: optional per-token
-    ``(lower, upper)`` in z-space (:meth:`TokenTransform.z_bounds`); the denoised estimates
-    are clipped to them (:func:`clip_score`).
+    meaningless and should be ignored by callers.
     """
 
     def score_fn(params, x_t, time, condition_mask):
         _, sigma = sde.marginal(time)
         noise = denoiser_fn(params, network_input(sde, x_t, time, condition_mask), time, condition_mask)
-        score = -noise / sigma[..., None]
-        if bounds is not None:
-            score = clip_score(sde, score, x_t, time, jnp.asarray(bounds[0]), jnp.asarray(bounds[1]))
-        return score
+        return -noise / sigma[..., None]
 
     return score_fn
 
