@@ -192,3 +192,16 @@ def test_runner_tells_runs_apart_by_their_settings(tmp_path):
     assert len(lines) == 2
     assert any("| 0.600 |" in line and line.endswith("| training.validation_draws=1 |") for line in lines)
     assert any("| 0.800 |" in line and line.endswith("| defaults |") for line in lines)
+
+
+def test_bounded_sites_benchmark_runs_on_tiny_settings():
+    """The script behind docs/bounded-sites.md runs end to end (tiny settings, nothing written)."""
+    import subprocess
+
+    result = subprocess.run([sys.executable, str(BENCHMARKS / "bounded_sites.py"), "--quick"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and "c2st_rf" not in line]
+    assert [row.split(" | ")[0].strip("| ") for row in rows] == ["transform", "reflect", "reject"]
+    for row in rows:
+        assert 0.4 < float(row.split(" | ")[1]) <= 1.0  # a C2ST accuracy
