@@ -89,5 +89,14 @@ $PY benchmarks/run.py --name random --tasks tree --budgets 10000 --attention und
 $PY benchmarks/run.py --name ensemble --tasks two_moons --budgets 10000 --attention dense --seeds 0 1 2 \
     --observations 1 2 3 4 5 6 7 8 9 10 --mlp-early-stopping --members 3
 
+# Two Moons with the prior's box kept in the parameters' own coordinates (docs/bounded-sites.md):
+# draws beyond the box mirrored back, or redrawn. Training is the same network in both modes.
+for MODE in reflect reject; do
+    $PY benchmarks/run.py --name interval_sites --tasks two_moons --budgets 10000 --attention dense --seeds 0 1 2 \
+        --observations 1 2 3 4 5 6 7 8 9 10 --mlp-early-stopping --interval-sites $MODE
+done
+# The three modes on a posterior cut off by its prior's bound, against exact draws.
+$PY benchmarks/bounded_sites.py
+
 $PY benchmarks/table.py
 $PY benchmarks/plot.py
