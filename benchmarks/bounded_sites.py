@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
-import platform
 import time
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from scipy import stats
 
 from numpyro_simformer import NetworkConfig, Simformer, TrainingConfig
 from numpyro_simformer.diagnostics import c2st
+from run import machine  # benchmarks/run.py, beside this script
 
 RESULTS = Path(__file__).resolve().parent / "results"
 NOISE = 0.1
@@ -87,10 +87,8 @@ def main():
     header = list(rows[0])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(row[key]) for key in header) + " |" for row in rows]
-    machine = f"{platform.machine()} {jax.device_count()} {jax.default_backend()} device(s), " \
-              f"{__import__('os').cpu_count()} cores, Python {platform.python_version()}"
     settings = (f"{args.num_simulations} simulations, at most {args.max_steps} steps, {args.num_samples} draws per "
-                f"side, seed {args.seed}; {datetime.date.today()}; {machine}")
+                f"side, seed {args.seed}; {datetime.date.today()}; {machine()}")
     table = "\n".join(lines) + f"\n\n{settings}\n"
     print(table)
     if args.quick and args.output is None:

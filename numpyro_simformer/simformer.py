@@ -725,10 +725,11 @@ class Simformer:
             raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
         query = self._query(model_kwargs)
         observed_values, condition_mask = observed_tokens(query.layout, observed, excluded_sites=self.exclude_sites)
-        to_z_checked(query.layout, query.transform, observed_values, condition_mask)  # observed in support
+        z_observed = to_z_checked(query.layout, query.transform, observed_values, condition_mask)  # in support
         tokens = points_to_tokens(query.layout, values, observed_values, condition_mask)
+        slices = query.layout.slices()
         reflected = [site.name for site, bijection in zip(query.layout.sites, query.transform.bijections)
-                     if isinstance(bijection, IntervalReflect) and not condition_mask[query.layout.slices()[site.name]].all()]
+                     if isinstance(bijection, IntervalReflect) and not condition_mask[slices[site.name]].all()]
         if reflected:
             raise NotImplementedError(
                 f"Sites {reflected} are latent and use interval_sites='reflect', whose fold at the bounds is not "
@@ -755,7 +756,6 @@ class Simformer:
             raise ValueError(f"`support_draws` must be a positive integer, got {support_draws!r}.")
         from numpyro_simformer.samplers import ProbabilityFlowODE
 
-        z_observed = to_z_checked(query.layout, query.transform, observed_values, condition_mask)
         # The normaliser from the flow the density integrates: its solver and tolerances.
         flow = ProbabilityFlowODE(solver=density.solver, num_steps=density.num_steps, rtol=density.rtol,
                                   atol=density.atol, max_steps=density.max_steps, final_denoise=False)

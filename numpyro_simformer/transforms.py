@@ -146,8 +146,6 @@ class IntervalReflect(IntervalClip):
         folded = jnp.where((x >= self.lower) & (x <= self.upper), x, folded)  # inside: exactly x
         return super().__call__(folded)  # rounding, and an open interval's bounds
 
-    __hash__ = None
-
 
 # How sites on a bounded interval are represented: "transform" (NumPyro's logit bijection),
 # or in their own coordinates with draws outside the interval "reflect"ed back in or
@@ -190,7 +188,7 @@ def site_bijection(site: SiteInfo, support=None, interval_sites: str = "transfor
         kind = IntervalReflect if interval_sites == "reflect" else IntervalClip
         return kind(np.broadcast_to(lower, shape), np.broadcast_to(upper, shape),
                     open_bounds=isinstance(base_support, constraints._OpenInterval))
-    if isinstance(getattr(support, "base_constraint", support), type(constraints.simplex)):
+    if isinstance(base_support, type(constraints.simplex)):
         base = SimplexLogRatio()
         batch_ndim = getattr(support, "reinterpreted_batch_ndims", 0)
         return numpyro_transforms.IndependentTransform(base, batch_ndim) if batch_ndim else base
