@@ -29,7 +29,7 @@ import json, resource, sys, time
 import jax, numpy as np, numpyro, numpyro.distributions as dist
 from numpyro_simformer import Simformer, TrainingConfig
 
-import numpyro_simformer.simformer as simformer_module
+import numpyro_simformer.training.fit as fit_module
 
 mode, num_simulations, max_steps, stream = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "stream"
 
@@ -40,7 +40,7 @@ def rss_mib(field):  # "VmRSS" (now) or "VmHWM" (peak since start or the last re
     return float("nan")
 
 training_memory = {}
-library_train = simformer_module.train
+library_train = fit_module.train
 
 def measured_train(*args, **kwargs):  # the training loop alone: RSS on entry, peak inside
     training_memory["entry"] = rss_mib("VmRSS")
@@ -50,7 +50,7 @@ def measured_train(*args, **kwargs):  # the training loop alone: RSS on entry, p
     training_memory["peak"] = rss_mib("VmHWM")
     return result
 
-simformer_module.train = measured_train
+fit_module.train = measured_train
 
 def model():  # the Linear Gaussian task: 20 tokens
     theta = numpyro.sample("theta", dist.Normal(0.0, 0.1 ** 0.5).expand([10]).to_event(1))

@@ -80,7 +80,7 @@ def graph_is_complete(task_name: str) -> bool:
     shows the dense row for both.
     """
     from numpyro_simformer import tasks as task_module
-    from numpyro_simformer.graph import attention_mask, element_parents
+    from numpyro_simformer.model.graph import attention_mask, element_parents
 
     task = getattr(task_module, task_name)()
     _, parents = element_parents(task.model, token_sites=list(task.token_sites), exclude_sites=list(task.exclude_sites))

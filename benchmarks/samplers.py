@@ -81,13 +81,13 @@ def measured_evaluations(sf, sampler, observed, num_samples: int = 256) -> float
     import jax.numpy as jnp
     import numpy as np
 
-    from numpyro_simformer.query import observed_tokens, to_z_checked
+    from numpyro_simformer.inference.query import observed_tokens, to_z_checked
 
     calls = []
 
     def counting_score_fn(params, x, time, condition_mask):
         jax.debug.callback(lambda: calls.append(1))
-        return sf._score_fn(params, x, time, condition_mask)
+        return sf.state.score_fn(params, x, time, condition_mask)
 
     values, mask = observed_tokens(sf.layout, observed)
     z_observed = to_z_checked(sf.layout, sf.transform, values, mask)
@@ -102,11 +102,11 @@ def compile_only(sf, sampler, observed, chunk: int):
     import jax
     import jax.numpy as jnp
 
-    from numpyro_simformer.query import observed_tokens, to_z_checked
+    from numpyro_simformer.inference.query import observed_tokens, to_z_checked
 
     values, mask = observed_tokens(sf.layout, observed)
     z_observed = to_z_checked(sf.layout, sf.transform, values, mask)
-    sample_fn = sf._sample_fn(sampler, chunk)
+    sample_fn = sf.query_space().sample_fn(sampler, chunk)
     sample_fn.lower(jax.random.key(0), sf.params, jnp.asarray(z_observed), jnp.asarray(mask)).compile()
 
 

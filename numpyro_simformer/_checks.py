@@ -6,6 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+__all__ = ["check_rng_key", "check_positive_int", "check_fitted"]
+
 
 def check_rng_key(rng_key, caller: str) -> None:
     """Raise a TypeError naming ``caller`` unless ``rng_key`` is one JAX PRNG key.
@@ -22,3 +24,15 @@ def check_rng_key(rng_key, caller: str) -> None:
         f"`{caller}` takes one JAX PRNG key as `rng_key`, e.g. `jax.random.key(0)`; got {got}. "
         "Split a key with `jax.random.split` for several calls."
     )
+
+
+def check_positive_int(value, name: str) -> None:
+    """Raise a ValueError naming the argument unless ``value`` is a positive integer."""
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+
+
+def check_fitted(simformer, caller: str) -> None:
+    """Raise a RuntimeError naming ``caller`` unless ``simformer`` is fitted."""
+    if not simformer.fitted:
+        raise RuntimeError(f"`{caller}` needs a fitted Simformer: call `fit(rng_key, ...)` first.")

@@ -26,6 +26,7 @@ import xarray as xr
 from scipy.special import logsumexp
 
 from numpyro_simformer._checks import check_rng_key
+from numpyro_simformer.model.spec import read_model_spec
 from numpyro_simformer.simformer import Simformer
 
 __all__ = ["SimformerEnsemble"]
@@ -69,7 +70,7 @@ class SimformerEnsemble:
         members = list(members)
         if not members or not all(isinstance(member, Simformer) for member in members):
             raise TypeError("`members` must be a non-empty list of Simformer objects.")
-        unfitted = [index for index, member in enumerate(members) if not member._fitted]
+        unfitted = [index for index, member in enumerate(members) if not member.fitted]
         if unfitted:
             raise ValueError(f"Members {unfitted} are not fitted: fit them (or use `SimformerEnsemble.fit`) first.")
         reference = _site_shapes(members[0])
@@ -90,14 +91,15 @@ class SimformerEnsemble:
 
     @property
     def training_time(self) -> float:
-        return float(sum(getattr(member, "training_time", 0.0) for member in self.members))
+        return float(sum(member.training_time for member in self.members if member.fitted))
 
     def fit(self, rng_key, *model_args, **model_kwargs) -> "SimformerEnsemble":
         """Simulate once and train every member on those simulations.
 
-        The simulations are the ones ``Simformer.fit(rng_key)`` would draw; member ``k`` is
-        ``fit_simulations(jax.random.fold_in(rng_key, k), simulations)``, so a member can be
-        retrained alone.
+        The model is read once and simulated once: the simulations are the ones
+        ``Simformer.fit(rng_key)`` would draw, and member ``k`` is
+        ``fit_simulations(jax.random.fold_in(rng_key, k), simulations, spec=spec)`` with the
+        one :class:`~numpyro_simformer.model.spec.ModelSpec`, so a member can be retrained alone.
 
         Returns:
             ``self``, fitted.
@@ -105,11 +107,10 @@ class SimformerEnsemble:
         check_rng_key(rng_key, "SimformerEnsemble.fit")
         key_read, key_simulate, _ = jax.random.split(rng_key, 3)
         first = self.members[0]
-        first._read_model(key_read, model_args, model_kwargs, simulating=True)
-        simulations, _ = first._simulate(key_simulate, model_args, model_kwargs)
-        self.simulation_time = first.simulation_time  # fit_simulations below resets the member's
+        spec = read_model_spec(key_read, first.model, model_args, model_kwargs, first.model_options, simulating=True)
+        simulations, _, self.simulation_time = first.simulate(key_simulate, spec)
         for index, member in enumerate(self.members):
-            member.fit_simulations(jax.random.fold_in(rng_key, index), simulations, *model_args, **model_kwargs)
+            member.fit_simulations(jax.random.fold_in(rng_key, index), simulations, spec=spec)
         return self
 
     def sample(self, rng_key, *, num_samples: int, **query) -> xr.DataTree:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from numpyro_simformer.plot_diagnostics import plot_coverage, plot_history
+from numpyro_simformer.diagnostics.plots import plot_coverage, plot_history
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes

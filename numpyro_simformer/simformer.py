@@ -1,5 +1,12 @@
 """The front object: a NumPyro model in, a trained Simformer out, any conditional back.
 
+The shell only wires the functional core: :func:`~numpyro_simformer.model.spec.read_model_spec`
+reads the model once, :func:`~numpyro_simformer.model.simulate.simulate` draws the joint,
+:func:`~numpyro_simformer.training.fit.fit_state` trains and returns one immutable
+:class:`~numpyro_simformer.training.state.FittedState` (``sf.state``), and every query goes through
+:mod:`numpyro_simformer.inference` (validate and convert once, draw with one driver, build
+the DataTree in one place).
+
 Example:
     >>> import jax, numpyro, numpyro.distributions as dist
     >>> from numpyro_simformer import Simformer
@@ -13,80 +20,37 @@ Example:
 
 from __future__ import annotations
 
-import functools
 import time as _time
-import warnings
 from typing import Callable, Mapping, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import numpyro
-from flax import nnx
 
 from numpyro_simformer import __version__
-from numpyro_simformer._checks import check_rng_key
-from numpyro_simformer.convert import to_datatree
-from numpyro_simformer.layout import TokenLayout
-from numpyro_simformer.loss import build_example_losses_fn
-from numpyro_simformer.masks import ConditionMaskDistribution
-from numpyro_simformer.parallel import resolve_devices
-from numpyro_simformer.nn import NetworkConfig, SimformerNetwork, build_denoiser_fn
-from numpyro_simformer.query import batched_observed_tokens, interval_bounds, observed_tokens, to_z_checked
-from numpyro_simformer.samplers import EulerMaruyama, GuidedEulerMaruyama, build_score_fn
-from numpyro_simformer.samplers.guidance import GaussianIntervalGuidance, IntervalBounds, build_interval_score_fn
-from numpyro_simformer.sde import VESDE
-from numpyro_simformer.simulate import SimulationInfo, filter_finite, simulate
-from numpyro_simformer.sites import is_factor, read_sites, trace_model
-from numpyro_simformer.train import TrainingConfig, train
-from numpyro_simformer.rejection import SUPPORT_STREAM, draws_in_support, inside_support
-from numpyro_simformer.transforms import INTERVAL_SITES, IntervalReflect, constant_support, fit_token_transform
+from numpyro_simformer._checks import check_fitted, check_positive_int, check_rng_key
+from numpyro_simformer.diffusion.masks import ConditionMaskDistribution
+from numpyro_simformer.diffusion.sde import VESDE
+from numpyro_simformer.inference.density import ProbabilityFlowLogDensity, conditional_log_prob, points_to_tokens
+from numpyro_simformer.inference.driver import QuerySpace, draw_z
+from numpyro_simformer.inference.output import answer_tree, deterministic_sites
+from numpyro_simformer.io.checkpoint import read_checkpoint, save_simformer
+from numpyro_simformer.inference.query import build_query, observed_tokens, to_z_checked
+from numpyro_simformer.inference.rejection import SUPPORT_STREAM, draws_in_support, inside_support
+from numpyro_simformer.model.simulate import SimulationInfo, filter_finite, simulate
+from numpyro_simformer.model.spec import ModelOptions, ModelSpec, read_model_spec
+from numpyro_simformer.nn import NetworkConfig
+from numpyro_simformer.samplers import EulerMaruyama, GuidedEulerMaruyama, ProbabilityFlowODE
+from numpyro_simformer.samplers.guidance import GaussianIntervalGuidance
+from numpyro_simformer.training.state import FittedState
+from numpyro_simformer.tokens.transforms import INTERVAL_SITES, IntervalReflect, TokenTransform
+from numpyro_simformer.training.fit import fit_state
+from numpyro_simformer.training.loop import TrainingConfig
+from numpyro_simformer.training.parallel import resolve_devices
 
 __all__ = ["Simformer"]
 
-# Below this many valid simulations fit warns: statistics and validation from a handful of rows.
-_FEW_SIMULATIONS = 100
-
-_ATTENTION_KINDS = ("undirected", "dense", "directed")
-
-
-def _check_names_fit_datatree(sites) -> None:
-    """Answers are DataTrees, whose variable and dimension names cannot hold '/': say so before training."""
-    for site in sites:
-        bad = [name for name in (site.name, *site.dims) if "/" in name]
-        if bad:
-            kind = "site" if bad[0] == site.name else "plate"
-            raise ValueError(
-                f"The {kind} name {bad[0]!r} (site {site.name!r}) contains '/', which an xarray DataTree "
-                "cannot hold in a variable or dimension name (it separates groups). Rename it in the model, "
-                "e.g. with '_' instead of '/'."
-            )
-
-
-def _warn_sites_simulation_ignores(trace) -> None:
-    """Warn about ``obs=`` and ``numpyro.factor`` sites: forward simulation cannot honour them.
-
-    Simulation draws every site from its distribution in turn, so a site given with ``obs=``
-    (or by ``handlers.condition``) and a factor's log-weight change nothing in the draws: the
-    Simformer learns the joint of the other sites as if those terms were absent.
-    """
-    ignored = [name for name, site in trace.items() if site["type"] == "sample" and site["is_observed"]]
-    if not ignored:
-        return
-    factors = [name for name in ignored if is_factor(trace[name])]
-    observed = [name for name in ignored if name not in factors]
-    found = " and ".join(part for part in (
-        f"observes site(s) {observed} (`obs=`)" if observed else "",
-        f"has factor site(s) {factors} (`numpyro.factor`)" if factors else "",
-    ) if part)
-    warnings.warn(
-        f"The model {found}. Simulation runs the model forward, drawing each site from its "
-        "distribution, so these terms do not shape the simulated joint: the Simformer learns the "
-        "model as if they were absent. To condition on such data, remove `obs=` from the model and "
-        "pass the values as `observed=` when sampling; a factor cannot be simulated forward, so "
-        "write what it encodes as a sample site or drop it.",
-        stacklevel=4,  # the user's call of `fit`
-    )
+# fold_in data for the key of the deterministic sites: the sampling key stays as it was
+_DETERMINISTIC_STREAM = 0x64657465
 
 
 class Simformer:
@@ -136,6 +100,13 @@ class Simformer:
             ``docs/bounded-sites.md``. Every returned value lies in the support.
         progress_bar: show progress bars for simulation, training (loss, steps/s, time
             left) and sampling (when a query takes several jitted calls).
+
+    Attributes:
+        state: the :class:`~numpyro_simformer.training.state.FittedState` after :meth:`fit` (``None``
+            before); ``spec``, ``layout``, ``parents``, ``attention_mask``, ``transform``,
+            ``params``, ``history``, ``simulation_info``, ``simulation_time`` and
+            ``training_time`` read it.
+        model_options: the :class:`~numpyro_simformer.model.spec.ModelOptions` the model is read with.
     """
 
     def __init__(
@@ -162,14 +133,14 @@ class Simformer:
     ):
         if not callable(model):
             raise TypeError(f"`model` must be a NumPyro model (a callable), got {type(model).__name__}.")
-        if not isinstance(num_simulations, (int, np.integer)) or num_simulations <= 0:
-            raise ValueError(
-                f"`num_simulations` must be a positive integer, got {num_simulations!r}."
-            )
-        if isinstance(attention, str) and attention not in _ATTENTION_KINDS:
-            raise ValueError(f"`attention` must be one of {_ATTENTION_KINDS} or a bool array, got {attention!r}.")
-        if isinstance(exclude_sites, str) or isinstance(token_sites, str) or isinstance(data_sites, str):
-            raise TypeError("`token_sites`, `exclude_sites` and `data_sites` take a list of site names, not a string.")
+        check_positive_int(num_simulations, "num_simulations")
+        check_positive_int(points_per_dim, "points_per_dim")
+        if interval_sites not in INTERVAL_SITES:
+            raise ValueError(f"`interval_sites` must be one of {INTERVAL_SITES}, got {interval_sites!r}.")
+        self.model_options = ModelOptions(
+            attention=attention, parents=parents, token_sites=token_sites, exclude_sites=exclude_sites,
+            data_sites=data_sites, coordinates=coordinates, exchangeable=exchangeable,
+        )
         self.model = model
         self.num_simulations = int(num_simulations)
         self.network_config = network
@@ -177,123 +148,78 @@ class Simformer:
         self.training_config = training
         self.sampler = sampler
         self.condition_masks = condition_masks
-        self.attention = attention
-        self.token_sites = None if token_sites is None else list(token_sites)
-        self.exclude_sites = list(exclude_sites)
-        self.data_sites = None if data_sites is None else list(data_sites)
         self.simulation_chunk_size = int(simulation_chunk_size)
-        if coordinates is not None and not isinstance(coordinates, Mapping):
-            raise TypeError(f"`coordinates` must be a dict {{dim: model argument name}}, got {type(coordinates).__name__}.")
-        if isinstance(exchangeable, str):
-            raise TypeError("`exchangeable` takes a list of plate names, not a string.")
-        if not isinstance(points_per_dim, (int, np.integer)) or points_per_dim < 1:
-            raise ValueError(f"`points_per_dim` must be a positive integer, got {points_per_dim!r}.")
-        if interval_sites not in INTERVAL_SITES:
-            raise ValueError(f"`interval_sites` must be one of {INTERVAL_SITES}, got {interval_sites!r}.")
-        self.interval_sites = interval_sites
-        self.coordinates = dict(coordinates or {})
-        self.exchangeable = tuple(exchangeable)
         self.points_per_dim = int(points_per_dim)
+        self.interval_sites = interval_sites
         self.progress_bar = progress_bar
-        self._user_parents = None if parents is None else np.asarray(parents, dtype=bool)
-        self._fitted = False
-        self._sample_fns = {}
+        self.state: FittedState | None = None
+        self._spaces: dict = {}
 
-    # ------------------------------------------------------------------ model reading
-    def _read_model(self, rng_key, model_args, model_kwargs, simulating=False):
-        key_first, key_second, key_graph = jax.random.split(rng_key, 3)
-        first = trace_model(key_first, self.model, model_args, model_kwargs)
-        sites = read_sites(first, self.token_sites, self.exclude_sites)
-        _check_names_fit_datatree(sites)
-        if simulating:
-            _warn_sites_simulation_ignores(first)
-        second = trace_model(key_second, self.model, model_args, model_kwargs)
-        self._supports = {
-            site.name: constant_support(site, [site.support, second[site.name]["fn"].support]) for site in sites
-        }
-        self._model_args, self._model_kwargs = tuple(model_args), dict(model_kwargs)
-        self.variable_dims = None
-        if self.coordinates or self.exchangeable:
-            from numpyro_simformer.variable import coordinate_scales, resolve_variable_dims, variable_layout
+    # ------------------------------------------------------------------ options, read back
+    @property
+    def attention(self):
+        return self.model_options.attention
 
-            self.variable_dims = resolve_variable_dims(sites, self.coordinates, self.exchangeable, model_kwargs)
-            self._coordinate_scales = coordinate_scales(self.variable_dims)
-            self.layout = variable_layout(sites, self.variable_dims, self._coordinate_scales)
-        else:
-            self.layout = TokenLayout.from_sites(sites)
-        self.parents = self._graph(key_graph, model_args, model_kwargs)
-        self.attention_mask = self._attention_mask()
-        if self.variable_dims is not None:
-            from numpyro_simformer.variable import close_over_variable, variable_token_mask
+    @property
+    def token_sites(self) -> list[str] | None:
+        sites = self.model_options.token_sites
+        return None if sites is None else list(sites)
 
-            self.attention_mask = close_over_variable(self.attention_mask,
-                                                      variable_token_mask(self.layout, self.variable_dims))
-        has_children = self._sites_with_children()
-        if self.data_sites is None:
-            data_sites = [site.name for site in sites if not has_children[site.name]]
-        else:
-            unknown = [name for name in self.data_sites if name not in self.layout.site_names]
-            if unknown:
-                raise ValueError(f"`data_sites` names {unknown}, which are not token sites {self.layout.site_names}.")
-            data_sites = self.data_sites
-        self._has_children = has_children
-        self._data_site_names = list(data_sites)
-        self._data_mask = self._token_data_mask(self.layout)
+    @property
+    def exclude_sites(self) -> list[str]:
+        return list(self.model_options.exclude_sites)
 
-    def _token_data_mask(self, layout: TokenLayout) -> np.ndarray:
-        """bool (num_tokens,) of ``layout``: True on the data sites' tokens."""
-        slices = layout.slices()
-        mask = np.zeros(layout.num_tokens, dtype=bool)
-        for name in self._data_site_names:
-            mask[slices[name]] = True
-        return mask
+    @property
+    def data_sites(self) -> list[str] | None:
+        sites = self.model_options.data_sites
+        return None if sites is None else list(sites)
 
-    def _graph(self, rng_key, model_args, model_kwargs) -> np.ndarray:
-        num_tokens = self.layout.num_tokens
-        if self._user_parents is not None:
-            if self._user_parents.shape != (num_tokens, num_tokens):
-                raise ValueError(
-                    f"`parents` has shape {self._user_parents.shape}, but the model has "
-                    f"{num_tokens} tokens ({self.layout.labels[:6]}...): expected "
-                    f"({num_tokens}, {num_tokens})."
-                )
-            return self._user_parents & ~np.eye(num_tokens, dtype=bool)
-        from numpyro_simformer.graph import element_parents
+    @property
+    def coordinates(self) -> dict:
+        return dict(self.model_options.coordinates)
 
-        with numpyro.validation_enabled(False):  # as in simulation: bad draws are counted later
-            labels, parents = element_parents(
-                self.model, model_args, model_kwargs, token_sites=self.token_sites,
-                exclude_sites=self.exclude_sites, rng_key=rng_key,
-            )
-        if list(labels) != self.layout.labels:
-            raise AssertionError("The dependency graph's token order differs from the layout's.")
-        return np.asarray(parents, dtype=bool)
+    @property
+    def exchangeable(self) -> tuple[str, ...]:
+        return tuple(self.model_options.exchangeable)
 
-    def _attention_mask(self) -> np.ndarray:
-        num_tokens = self.layout.num_tokens
-        if not isinstance(self.attention, str):
-            mask = np.asarray(self.attention, dtype=bool)
-            if mask.shape != (num_tokens, num_tokens):
-                raise ValueError(
-                    f"`attention` has shape {mask.shape}; the model has {num_tokens} tokens, "
-                    f"so it must be ({num_tokens}, {num_tokens})."
-                )
-            return mask | np.eye(num_tokens, dtype=bool)
-        if self.attention == "dense":
-            return np.ones((num_tokens, num_tokens), dtype=bool)
-        from numpyro_simformer.graph import attention_mask
+    # ------------------------------------------------------------------ the fitted state, read back
+    @property
+    def fitted(self) -> bool:
+        """Whether :meth:`fit` (or :meth:`fit_simulations`, :meth:`load`) has run."""
+        return self.state is not None
 
-        return np.asarray(attention_mask(self.parents, self.attention), dtype=bool)
+    def _fitted_state(self, method: str) -> FittedState:
+        check_fitted(self, method)
+        return self.state
 
-    def _sites_with_children(self) -> dict[str, bool]:
-        site_of_token = self.layout.site_of_token()
-        result = {}
-        for index, site in enumerate(self.layout.sites):
-            own = site_of_token == index
-            result[site.name] = bool(self.parents[np.ix_(~own, own)].any())
-        return result
+    spec = property(lambda self: self._fitted_state("spec").spec, doc="The fitted :class:`ModelSpec`.")
+    layout = property(lambda self: self._fitted_state("layout").spec.layout, doc="The token layout.")
+    parents = property(lambda self: self._fitted_state("parents").spec.parents,
+                       doc="bool (num_tokens, num_tokens): ``[i, j]`` True when token j is a parent of token i.")
+    attention_mask = property(lambda self: self._fitted_state("attention_mask").spec.attention_mask,
+                              doc="bool (num_tokens, num_tokens): True where token i may attend to token j.")
+    variable_dims = property(lambda self: self._fitted_state("variable_dims").spec.variable_dims,
+                             doc="The variable-size dims (coordinates, exchangeable plates), or ``None``.")
+    transform = property(lambda self: self._fitted_state("transform").transform, doc="The token transform.")
+    params = property(lambda self: self._fitted_state("params").params, doc="The trained (EMA) weights.")
+    history = property(lambda self: self._fitted_state("history").history, doc="The training history.")
+    simulation_info = property(lambda self: self._fitted_state("simulation_info").simulation_info,
+                               doc="Counts of the simulations (requested, valid, invalid).")
+    simulation_time = property(lambda self: self._fitted_state("simulation_time").simulation_time,
+                               doc="Seconds spent simulating.")
+    training_time = property(lambda self: self._fitted_state("training_time").training_time,
+                             doc="Seconds spent training.")
 
     # ------------------------------------------------------------------ fitting
+    def read_model(self, rng_key, *model_args, **model_kwargs) -> ModelSpec:
+        """Read the model at its arguments into a :class:`ModelSpec` (sites, graph, masks), without fitting.
+
+        :meth:`fit` does this first with ``jax.random.split(rng_key, 3)[0]``; pass the
+        spec to :meth:`fit_simulations` (``spec=``) to reuse it.
+        """
+        check_rng_key(rng_key, "Simformer.read_model")
+        return read_model_spec(rng_key, self.model, model_args, model_kwargs, self.model_options)
+
     def fit(self, rng_key, *model_args, **model_kwargs) -> "Simformer":
         """Simulate ``num_simulations`` joint draws from the model and train on them.
 
@@ -306,23 +232,29 @@ class Simformer:
         """
         check_rng_key(rng_key, "Simformer.fit")
         key_read, key_simulate, key_train = jax.random.split(rng_key, 3)
-        self._read_model(key_read, model_args, model_kwargs, simulating=True)
-        self._fit_draws(key_train, *self._simulate(key_simulate, model_args, model_kwargs))
+        spec = read_model_spec(key_read, self.model, model_args, model_kwargs, self.model_options, simulating=True)
+        draws, info, seconds = self.simulate(key_simulate, spec)
+        self._set_state(fit_state(key_train, spec, draws, info, simulation_time=seconds, **self._fit_options()))
         return self
 
-    def _simulate(self, rng_key, model_args, model_kwargs):
-        """``(draws, info)``: ``num_simulations`` joint draws of the token sites (model read
-        first), timed in ``simulation_time``."""
+    def simulate(self, rng_key, spec: ModelSpec) -> tuple[dict[str, np.ndarray], SimulationInfo, float]:
+        """``num_simulations`` joint draws of ``spec``'s token sites.
+
+        Returns:
+            ``(draws, info, seconds)``: ``{site: array (num_valid, *site shape)}`` (finite
+            rows only), a :class:`~numpyro_simformer.model.simulate.SimulationInfo`, and the
+            time it took.
+        """
         start = _time.perf_counter()
-        simulations = simulate(
-            rng_key, self.model, self.num_simulations, self.layout.site_names, model_args, model_kwargs,
+        draws, info = simulate(
+            rng_key, spec.model, self.num_simulations, spec.layout.site_names, spec.model_args, spec.model_kwargs,
             chunk_size=self.simulation_chunk_size, progress_bar=self.progress_bar,
             data_parallel=resolve_devices(self.training_config.data_parallel),
         )
-        self.simulation_time = _time.perf_counter() - start
-        return simulations
+        return draws, info, _time.perf_counter() - start
 
-    def fit_simulations(self, rng_key, simulations: Mapping[str, np.ndarray], *model_args, **model_kwargs) -> "Simformer":
+    def fit_simulations(self, rng_key, simulations: Mapping[str, np.ndarray], *model_args,
+                        spec: ModelSpec | None = None, **model_kwargs) -> "Simformer":
         """Train on simulations the user already has.
 
         Args:
@@ -330,17 +262,23 @@ class Simformer:
             simulations: ``{site: array (num_simulations, *site.shape)}`` for every token
                 site. Rows with a NaN or inf are dropped and counted.
             *model_args, **model_kwargs: passed to the model (read for its sites and graph).
+            spec: the model already read (:meth:`read_model`) at these arguments; the
+                model is then not read again.
         """
         check_rng_key(rng_key, "Simformer.fit_simulations")
         key_read, key_train = jax.random.split(rng_key)
-        self._read_model(key_read, model_args, model_kwargs)
+        if spec is None:
+            spec = read_model_spec(key_read, self.model, model_args, model_kwargs, self.model_options)
+        elif not isinstance(spec, ModelSpec):
+            raise TypeError(f"`spec` must be a ModelSpec from `read_model`, got {type(spec).__name__}.")
         if not isinstance(simulations, Mapping):
             raise TypeError(f"`simulations` must be a dict of site arrays, got {type(simulations).__name__}.")
-        missing = [name for name in self.layout.site_names if name not in simulations]
+        layout = spec.layout
+        missing = [name for name in layout.site_names if name not in simulations]
         if missing:
-            raise ValueError(f"`simulations` lacks the token sites {missing}; it must hold every one of {self.layout.site_names}.")
+            raise ValueError(f"`simulations` lacks the token sites {missing}; it must hold every one of {layout.site_names}.")
         lengths = set()
-        for site in self.layout.sites:
+        for site in layout.sites:
             value = np.asarray(simulations[site.name])
             if value.shape[1:] != site.shape:
                 raise ValueError(
@@ -350,166 +288,37 @@ class Simformer:
             lengths.add(value.shape[0])
         if len(lengths) != 1:
             raise ValueError(f"The sites of `simulations` have different numbers of rows: {sorted(lengths)}.")
-        draws, finite = filter_finite({name: simulations[name] for name in self.layout.site_names})
+        draws, finite = filter_finite({name: simulations[name] for name in layout.site_names})
         info = SimulationInfo(len(finite), int(finite.sum()), int((~finite).sum()), vectorized=False)
-        self.simulation_time = 0.0
-        self._fit_draws(key_train, draws, info)
+        self._set_state(fit_state(key_train, spec, draws, info, **self._fit_options()))
         return self
 
-    def _fit_draws(self, rng_key, draws, info: SimulationInfo):
-        self.simulation_info = info
-        if info.num_valid == 0:
-            raise RuntimeError(
-                f"All {info.num_requested} simulations contained NaN or inf; there is nothing "
-                "to train on. Check the simulator (and its priors) for values it cannot handle."
-            )
-        if info.num_invalid:
-            warnings.warn(
-                f"{info.num_invalid} of {info.num_requested} simulations contained NaN or inf "
-                "and were dropped.",
-                stacklevel=3,
-            )
-        tokens = np.asarray(self.layout.flatten(draws), dtype=np.float32)
-        # Emptied (the callers' dicts too) so that the draws are freed once tokenised: each
-        # copy of the simulations costs host memory in proportion to their number.
-        draws.clear()
-        self.transform = fit_token_transform(self.layout, tokens, self._supports,
-                                             pool_nodes=self.variable_dims is not None,
-                                             interval_sites=self.interval_sites)
-        data = np.asarray(jax.jit(self.transform.to_z)(tokens))
-        del tokens
-        finite = np.all(np.isfinite(data), axis=1)
-        if not finite.all():  # on a support's boundary: counted as invalid (transforms.py warns)
-            data = data[finite]
-            self.simulation_info = info._replace(num_valid=int(finite.sum()),
-                                                 num_invalid=info.num_invalid + int((~finite).sum()))
-        if data.shape[0] < _FEW_SIMULATIONS:
-            held_out = self.training_config.num_validation(data.shape[0])
-            warnings.warn(
-                f"Training on only {data.shape[0]} valid simulations: the z-scoring statistics come "
-                f"from them and {held_out} are held out for validation"
-                f"{' (none: training never stops early)' if held_out == 0 else ''}. Answers from so few "
-                f"are rough; raise `num_simulations` (a few hundred at least, thousands for most models).",
-                stacklevel=3,
-            )
-        key_init, key_train = jax.random.split(rng_key)
-        if self.variable_dims is not None:
-            from dataclasses import replace as _replace
+    def _fit_options(self) -> dict:
+        return dict(network=self.network_config, sde=self.sde, training=self.training_config,
+                    condition_masks=self.condition_masks, interval_sites=self.interval_sites,
+                    points_per_dim=self.points_per_dim, progress_bar=self.progress_bar)
 
-            self.network_config = _replace(self.network_config, variable_size=True)
-        network = SimformerNetwork(self.layout.num_nodes, self.network_config,
-                                   rngs=nnx.Rngs(params=key_init))
-        graphdef, params, constants = nnx.split(network, nnx.Param, ...)
-        self._graphdef, self._constants = graphdef, constants
-        self._build_functions()
-        denoiser_fn, subsample, data_mask = self._denoiser_fn, None, self._data_mask
-        if self.variable_dims is not None:  # train on random subsets: the subset's node ids
-            from numpyro_simformer.variable import Subsampler
+    def _set_state(self, state: FittedState) -> None:
+        self.state = state
+        self._spaces = {}
 
-            subsample = Subsampler.build(self.layout, self.variable_dims, self.attention_mask, self.points_per_dim)
-            data_mask = self._token_data_mask(subsample.template)
-            denoiser_fn = functools.partial(self._denoiser_fn, node_ids=jnp.asarray(subsample.template.node_ids))
-        example_losses_fn = build_example_losses_fn(denoiser_fn, self.sde)
-        start = _time.perf_counter()
-        self.params, self.history = train(
-            key_train, example_losses_fn, params, data, data_mask, self.training_config, self.condition_masks,
-            progress_bar=self.progress_bar,
-            checkpoint_tag=repr((self.layout.labels, self.network_config, self.sde,
-                                 np.packbits(self.attention_mask).tobytes(), self.points_per_dim)),
-            subsample=subsample,
-        )
-        self.training_time = _time.perf_counter() - start
-        self._fitted = True
-
-    def _build_functions(self):
-        self._denoiser_fn = build_denoiser_fn(
-            self._graphdef, self._constants, self.layout.node_ids, self.layout.coordinates, self.attention_mask
-        )
-        self._score_fn = build_score_fn(self._denoiser_fn, self.sde)
-        self._sample_fns = {}
-        self._log_prob_fns = {}
-        self._default_query = _Query(self.layout, self.transform, self._score_fn, self._sample_fns,
-                                     self._log_prob_fns,
-                                     self._coordinate_values(self.layout, getattr(self, "variable_dims", None)),
-                                     self.attention_mask, getattr(self, "variable_dims", None))
-        self._queries = {}
-
-    def _coordinate_values(self, layout, variable) -> dict:
-        """``{dim: coordinates}`` of the coordinate dims, as DataTree coordinates."""
-        if variable is None:
-            return {}
-        return {key: np.asarray(value) for key, value in variable.coordinates.items()
-                if any(key in site.dims for site in layout.sites)}
-
-    def _query(self, model_kwargs) -> "_Query":
-        """The layout, transform and network functions of a query at ``model_kwargs``.
-
-        ``None`` is the training layout. Otherwise the model is traced with its training
-        keyword arguments updated by ``model_kwargs`` (new coordinates, a new plate size),
-        and the token layout, graph and attention mask are rebuilt for it.
-        """
-        if model_kwargs is None:
-            return self._default_query
-        if not isinstance(model_kwargs, Mapping):
-            raise TypeError(f"`model_kwargs` must be a dict of the model's keyword arguments, got "
-                            f"{type(model_kwargs).__name__}.")
-        if self.variable_dims is None:
-            raise ValueError(
-                "`model_kwargs` changes the model's sizes or coordinates, but this Simformer has no variable-size "
-                "dims: its layout is fixed by `fit`. Declare `coordinates=` or `exchangeable=` when creating it."
-            )
-        kwargs = {**self._model_kwargs, **dict(model_kwargs)}
-        cache_key = tuple(sorted((name, np.asarray(value).tobytes() if hasattr(value, "shape") else repr(value))
-                                 for name, value in kwargs.items()))
-        if cache_key in self._queries:
-            return self._queries[cache_key]
-        from numpyro_simformer.graph import attention_mask as graph_attention_mask, element_parents
-        from numpyro_simformer.transforms import TokenTransform
-        from numpyro_simformer.variable import (close_over_variable, node_level_mask, node_shapes,
-                                                resolve_variable_dims, variable_layout, variable_token_mask)
-
-        key = jax.random.key(0)  # the query's structure does not depend on a key; reading it is deterministic
-        sites = read_sites(trace_model(key, self.model, self._model_args, kwargs), self.layout.site_names,
-                           self.exclude_sites)
-        variable = resolve_variable_dims(sites, self.coordinates, self.exchangeable, kwargs)
-        trained_shapes, shapes = node_shapes(self.layout.sites, self.variable_dims), node_shapes(sites, variable)
-        for site in sites:
-            if shapes[site.name] != trained_shapes[site.name]:
-                raise ValueError(
-                    f"Site {site.name!r} has shape {site.shape} at these model arguments; only its variable-size "
-                    f"dims may change, so its other axes must keep the trained shape {trained_shapes[site.name]}."
-                )
-        layout = variable_layout(sites, variable, self._coordinate_scales)
-        if self._user_parents is not None or not isinstance(self.attention, str):
-            raise ValueError("A query at new model arguments needs the model's graph at them; a user-given "
-                             "`parents` or `attention` array fits the training layout only.")
-        node_mask = None if self.attention == "dense" else node_level_mask(self.attention_mask, self.layout.node_ids)
-        if self.attention == "dense":
-            mask = np.ones((layout.num_tokens, layout.num_tokens), dtype=bool)
-        elif node_mask is not None:  # attention depends on the nodes only: the same rule at any size
-            mask = node_mask[np.ix_(layout.node_ids, layout.node_ids)] | np.eye(layout.num_tokens, dtype=bool)
-        else:
-            with numpyro.validation_enabled(False):
-                _, parents = element_parents(self.model, self._model_args, kwargs, token_sites=self.layout.site_names,
-                                             exclude_sites=self.exclude_sites, rng_key=key)
-            mask = np.asarray(graph_attention_mask(np.asarray(parents, bool), self.attention), dtype=bool)
-        mask = close_over_variable(mask, variable_token_mask(layout, variable))
-        node_mean = np.zeros(self.layout.num_nodes, np.float32)
-        node_std = np.ones(self.layout.num_nodes, np.float32)
-        node_mean[self.layout.node_ids], node_std[self.layout.node_ids] = self.transform.mean, self.transform.std
-        transform = TokenTransform(layout, self.transform.bijections, node_mean[layout.node_ids],
-                                   node_std[layout.node_ids])
-        denoiser_fn = build_denoiser_fn(self._graphdef, self._constants, layout.node_ids, layout.coordinates, mask)
-        query = _Query(layout, transform, build_score_fn(denoiser_fn, self.sde), {}, {},
-                       self._coordinate_values(layout, variable), mask, variable, kwargs)
-        self._queries[cache_key] = query
-        return query
+    @classmethod
+    def from_state(cls, state: FittedState, **options) -> "Simformer":
+        """A fitted Simformer around ``state`` (as :meth:`load` builds one); ``options`` as the constructor's."""
+        spec = state.spec
+        sf = cls(spec.model, **{
+            "attention": spec.options.attention, "parents": spec.options.parents,
+            "token_sites": spec.options.token_sites, "exclude_sites": spec.options.exclude_sites,
+            "data_sites": spec.options.data_sites, "coordinates": spec.options.coordinates,
+            "exchangeable": spec.options.exchangeable, "network": state.network, "sde": state.sde, **options})
+        sf._set_state(state)
+        return sf
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, path, *, overwrite: bool = False):
         """Write the fitted Simformer to the directory ``path``: Orbax weights and a JSON record.
 
-        See :mod:`numpyro_simformer.checkpoint` for what is stored; no pickle is used.
+        See :mod:`numpyro_simformer.io.checkpoint` for what is stored; no pickle is used.
 
         Args:
             path: the directory to create.
@@ -518,10 +327,8 @@ class Simformer:
         Returns:
             The checkpoint's path.
         """
-        from numpyro_simformer.checkpoint import save_simformer
-
-        self._check_fitted("save")
-        if getattr(self, "variable_dims", None) is not None:
+        state = self._fitted_state("save")
+        if state.spec.variable_dims is not None:
             raise NotImplementedError(
                 "Saving a Simformer with `coordinates` or `exchangeable` dims is not supported yet: the "
                 "checkpoint format stores a fixed token layout. Refit it, or train without variable-size dims."
@@ -537,36 +344,44 @@ class Simformer:
 
         Raises:
             FileNotFoundError: when ``path`` does not exist.
-            numpyro_simformer.checkpoint.CheckpointError: when the checkpoint is
+            numpyro_simformer.io.checkpoint.CheckpointError: when the checkpoint is
                 unreadable, truncated or altered.
-            numpyro_simformer.checkpoint.ModelMismatchError: when a site of the model
+            numpyro_simformer.io.checkpoint.ModelMismatchError: when a site of the model
                 differs from the checkpoint's (the message names it).
         """
-        from numpyro_simformer.checkpoint import load_simformer
-
-        return load_simformer(path, model, model_args, model_kwargs, cls=cls)
+        options, state = read_checkpoint(path, model, model_args, model_kwargs)
+        sf = cls(model, **options)
+        sf._set_state(state)
+        return sf
 
     # ------------------------------------------------------------------ querying
-    def _check_fitted(self, method: str):
-        if not self._fitted:
-            raise RuntimeError(f"`{method}` needs a fitted Simformer: call `fit(rng_key, ...)` first.")
+    def query_space(self, model_kwargs: Mapping | None = None) -> QuerySpace:
+        """The :class:`~numpyro_simformer.inference.driver.QuerySpace` of queries at ``model_kwargs``.
 
-    def _sample_fn(self, sampler, chunk: int, guidance=None, batched: bool = False, query=None):
-        """Jitted ``fn(rng_key, params, values, mask)``; ``batched``: vmapped over observations
-        (keys, values, mask); with ``guidance``, ``params`` is ``(params, IntervalBounds)``."""
-        query = self._default_query if query is None else query
-        key = (sampler, chunk, guidance, batched)
-        if key not in query.sample_fns:
-            score_fn = query.score_fn
-            if guidance is not None:
-                score_fn = build_interval_score_fn(score_fn, self.sde, guidance)
-            sample_fn = sampler.build(score_fn, self.sde)
-
-            def one(rng_key, params, values, mask):
-                return sample_fn(rng_key, params, values, mask, chunk)
-
-            query.sample_fns[key] = jax.jit(jax.vmap(one, in_axes=(0, None, 0, 0)) if batched else one)
-        return query.sample_fns[key]
+        ``None`` is the training layout. Otherwise the model is traced with its training
+        keyword arguments updated by ``model_kwargs`` (new coordinates, a new plate size),
+        and the token layout, graph and attention mask are rebuilt for it. Spaces are cached,
+        with their compiled functions: a repeated query compiles nothing.
+        """
+        state = self._fitted_state("query_space")
+        if model_kwargs is None:
+            cache_key = None
+        else:
+            if not isinstance(model_kwargs, Mapping):
+                raise TypeError(f"`model_kwargs` must be a dict of the model's keyword arguments, got "
+                                f"{type(model_kwargs).__name__}.")
+            kwargs = {**state.spec.model_kwargs, **dict(model_kwargs)}
+            cache_key = tuple(sorted((name, np.asarray(value).tobytes() if isinstance(value, (np.ndarray, jax.Array))
+                                      else repr(value)) for name, value in kwargs.items()))
+        if cache_key not in self._spaces:
+            if model_kwargs is None:
+                spec, transform = state.spec, state.transform
+            else:
+                spec = state.spec.at(model_kwargs)
+                transform = _transform_for(state.transform, state.spec.layout, spec.layout)
+            self._spaces[cache_key] = QuerySpace(spec, transform, state.graphdef, state.constants, state.sde,
+                                                 self.points_per_dim)
+        return self._spaces[cache_key]
 
     def sample(self, rng_key, *, observed: Mapping | None = None, num_samples: int, sampler=None,
                intervals: Mapping | None = None, guidance=None, batch_size: int = 2_000,
@@ -617,72 +432,57 @@ class Simformer:
             rejected and the share kept (one entry per observation of a batch).
         """
         check_rng_key(rng_key, "Simformer.sample")
-        if not isinstance(num_samples, (int, np.integer)) or num_samples <= 0:
-            raise ValueError(f"`num_samples` must be a positive integer, got {num_samples!r}.")
-        if not isinstance(batch_size, (int, np.integer)) or batch_size <= 0:
-            raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
-        self._check_fitted("sample")
-        query = self._query(model_kwargs)
-        values, condition_mask, num_observations = batched_observed_tokens(
-            query.layout, observed, excluded_sites=self.exclude_sites
-        )
-        bounds = interval_bounds(query.layout, query.transform, intervals, condition_mask,
-                                 excluded_sites=self.exclude_sites)
-        if sampler is None:
-            sampler = self.sampler if bounds is None else GuidedEulerMaruyama()
-        params = self.params
-        if bounds is not None:
-            params = (params, IntervalBounds(jnp.asarray(bounds.z_lower), jnp.asarray(bounds.z_upper)))
-        z_observed = to_z_checked(query.layout, query.transform, values, condition_mask)
-        if guidance is not None and bounds is None:
+        check_positive_int(num_samples, "num_samples")
+        check_positive_int(batch_size, "batch_size")
+        state = self._fitted_state("sample")
+        space = self.query_space(model_kwargs)
+        query = build_query(space.layout, space.transform, observed, intervals,
+                            excluded_sites=self.model_options.exclude_sites)
+        if guidance is not None and query.intervals is None:
             raise ValueError("`guidance` steers interval conditions: pass `intervals=` with it, or leave it out.")
-        if bounds is not None and guidance is None:
-            guidance = GaussianIntervalGuidance()
-        options = dict(params=params, guidance=guidance if bounds is not None else None, query=query)
-        plan = None
-        if num_observations is None and bounds is None:
-            plan = self._split_plan(query, condition_mask[0])
+        params = state.params
+        if query.intervals is not None:
+            sampler = GuidedEulerMaruyama() if sampler is None else sampler
+            guidance = GaussianIntervalGuidance() if guidance is None else guidance
+            params = (params, query.intervals.z_bounds())
+        sampler = self.sampler if sampler is None else sampler
 
         def draw(key, count):  # (draw, observation, token) in z-space
-            if plan is not None:
-                return self._sample_z_split(key, sampler, query, plan, z_observed[0], condition_mask[0], count,
-                                            batch_size)[:, None]
-            if num_observations is None:
-                return self._sample_z(key, sampler, z_observed[0], condition_mask[0], count, batch_size,
-                                      **options)[:, None]
-            return jnp.swapaxes(self._sample_z_batched(key, sampler, z_observed, condition_mask, count, batch_size,
-                                                       **options), 0, 1)
+            return draw_z(key, space, sampler, params, query.z_observed, query.condition_mask, count,
+                          batched=query.batched, batch_size=batch_size, guidance=guidance,
+                          progress_bar=self.progress_bar)
 
-        z_bounds = query.transform.z_bounds()
+        z_bounds = space.transform.z_bounds()
         if z_bounds is None:
             z, support = draw(rng_key, num_samples), None
         else:
-            z, drawn, inside = draws_in_support(draw, rng_key, num_samples, *z_bounds, ~np.asarray(condition_mask),
-                                                describe=lambda index: self._bounded_latent(query, condition_mask[index]))
+            z, drawn, inside = draws_in_support(draw, rng_key, num_samples, *z_bounds, ~query.condition_mask,
+                                                describe=lambda index: _bounded_latent(space, query.condition_mask[index]))
             support = (drawn, inside)
-        tokens = np.asarray(jax.jit(query.transform.from_z)(z), dtype=np.float64)
-        tokens = np.where(condition_mask, values, tokens)
-        if num_observations is None:
+        tokens = np.asarray(space.transform.from_z_fn(z), dtype=np.float64)
+        tokens = np.where(query.condition_mask, query.values, tokens)
+        values = query.values
+        if not query.batched:
             tokens, values = tokens[:, 0], values[0]
-        observed_names = [] if observed is None else list(observed)
-        deterministic_key = jax.random.fold_in(rng_key, _DETERMINISTIC_STREAM) if return_deterministic else None
-        tree = self._to_datatree(tokens[None], observed_names, values, condition_mask, sampler,
-                                 batched=num_observations is not None, intervals=bounds, query=query,
-                                 deterministic_key=deterministic_key)
-        if bounds is not None:
+        tokens = tokens[None]  # (chain, draw, [observation,] token)
+        attrs = {
+            "inference_library": "numpyro_simformer",
+            "inference_library_version": __version__,
+            "sampler": repr(sampler),
+            "num_simulations": int(state.simulation_info.num_valid),
+        }
+        deterministic = None
+        if return_deterministic:
+            deterministic = deterministic_sites(jax.random.fold_in(rng_key, _DETERMINISTIC_STREAM), space, tokens)
+        tree = answer_tree(space, tokens, values, query.condition_mask, query.observed_names, attrs=attrs,
+                           batched=query.batched, intervals=query.intervals, deterministic=deterministic)
+        if query.intervals is not None:
             tree.attrs["guidance"] = repr(guidance)
         if support is not None:  # interval_sites="reject": what was redrawn
-            drawn, inside = support if num_observations is not None else (support[0][0], support[1][0])
+            drawn, inside = support if query.batched else (support[0][0], support[1][0])
             tree.attrs["draws_outside_support"] = np.asarray(drawn - inside).tolist()
             tree.attrs["support_acceptance"] = np.asarray(inside / drawn).tolist()
         return tree
-
-    def _bounded_latent(self, query, condition_mask) -> str:
-        """The latent sites of a query that draws can leave (``interval_sites="reject"``)."""
-        bounded = np.isfinite(query.transform.z_bounds()[0]) & ~np.asarray(condition_mask)
-        site_index = query.layout.site_of_token()
-        names = dict.fromkeys(query.layout.sites[site_index[token]].name for token in np.flatnonzero(bounded))
-        return "latent bounded sites " + ", ".join(repr(name) for name in names)
 
     def log_prob(self, values: Mapping, *, observed: Mapping | None = None, rng_key=None, density=None,
                  batch_size: int = 1_000, model_kwargs: Mapping | None = None,
@@ -713,22 +513,21 @@ class Simformer:
             float64 array (num_points,): the log density at each point (``-inf`` outside the
             support). Example: ``sf.log_prob({"theta": thetas}, observed={"x": x_o})``.
         """
-        from numpyro_simformer.density import ProbabilityFlowLogDensity, conditional_log_prob, points_to_tokens
-
-        self._check_fitted("log_prob")
+        state = self._fitted_state("log_prob")
         if rng_key is not None:
             check_rng_key(rng_key, "Simformer.log_prob")
         density = ProbabilityFlowLogDensity() if density is None else density
         if not isinstance(density, ProbabilityFlowLogDensity):
             raise TypeError(f"`density` must be a ProbabilityFlowLogDensity, got {type(density).__name__}.")
-        if not isinstance(batch_size, (int, np.integer)) or batch_size <= 0:
-            raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
-        query = self._query(model_kwargs)
-        observed_values, condition_mask = observed_tokens(query.layout, observed, excluded_sites=self.exclude_sites)
-        z_observed = to_z_checked(query.layout, query.transform, observed_values, condition_mask)  # in support
-        tokens = points_to_tokens(query.layout, values, observed_values, condition_mask)
-        slices = query.layout.slices()
-        reflected = [site.name for site, bijection in zip(query.layout.sites, query.transform.bijections)
+        check_positive_int(batch_size, "batch_size")
+        space = self.query_space(model_kwargs)
+        layout, transform = space.layout, space.transform
+        observed_values, condition_mask = observed_tokens(layout, observed,
+                                                          excluded_sites=self.model_options.exclude_sites)
+        z_observed = to_z_checked(layout, transform, observed_values, condition_mask)  # in support
+        tokens = points_to_tokens(layout, values, observed_values, condition_mask)
+        slices = layout.slices()
+        reflected = [site.name for site, bijection in zip(layout.sites, transform.bijections)
                      if isinstance(bijection, IntervalReflect) and not condition_mask[slices[site.name]].all()]
         if reflected:
             raise NotImplementedError(
@@ -736,292 +535,50 @@ class Simformer:
                 "one-to-one: there is no log density to change variables with. For densities, fit with "
                 "interval_sites='reject' (the network's density restricted to the support) or 'transform'."
             )
-        z_bounds = query.transform.z_bounds()
+        z_bounds = transform.z_bounds()
         bounded_latent = z_bounds is not None and bool(np.any(np.isfinite(z_bounds[0]) & ~condition_mask))
         if bounded_latent and rng_key is None:
             raise ValueError(
-                f"With interval_sites='reject' and {self._bounded_latent(query, condition_mask)} latent, the log "
+                f"With interval_sites='reject' and {_bounded_latent(space, condition_mask)} latent, the log "
                 "density is renormalised by the share of the network's draws inside the support, estimated by "
                 "sampling: pass `rng_key`."
             )
-        if density not in query.log_prob_fns:
-            query.log_prob_fns[density] = jax.jit(density.build(query.score_fn, self.sde), static_argnames="exact")
+        if density not in space.log_prob_fns:
+            space.log_prob_fns[density] = jax.jit(density.build(space.score_fn, state.sde), static_argnames="exact")
         log_density = conditional_log_prob(
-            rng_key, query.log_prob_fns[density], self.params, query.transform, tokens, condition_mask,
+            rng_key, space.log_prob_fns[density], state.params, transform, tokens, condition_mask,
             exact_trace_max_dim=density.exact_trace_max_dim, num_probes=density.num_probes, batch_size=batch_size,
         )
         if not bounded_latent:
             return log_density
-        if not isinstance(support_draws, (int, np.integer)) or support_draws <= 0:
-            raise ValueError(f"`support_draws` must be a positive integer, got {support_draws!r}.")
-        from numpyro_simformer.samplers import ProbabilityFlowODE
-
+        check_positive_int(support_draws, "support_draws")
         # The normaliser from the flow the density integrates: its solver and tolerances.
         flow = ProbabilityFlowODE(solver=density.solver, num_steps=density.num_steps, rtol=density.rtol,
                                   atol=density.atol, max_steps=density.max_steps, final_denoise=False)
-        z = self._sample_z(jax.random.fold_in(rng_key, SUPPORT_STREAM), flow, z_observed,
-                           condition_mask, support_draws, batch_size, query=query)
+        z = draw_z(jax.random.fold_in(rng_key, SUPPORT_STREAM), space, flow, state.params, z_observed[None],
+                   condition_mask[None], support_draws, batched=False, batch_size=batch_size,
+                   progress_bar=self.progress_bar, allow_split=False)[:, 0]
         acceptance = float(np.mean(inside_support(np.asarray(z)[:, None], *z_bounds, ~condition_mask[None])))
         if acceptance == 0.0:
             raise RuntimeError(
                 f"None of {support_draws} draws of the network lies inside the support of the "
-                f"{self._bounded_latent(query, condition_mask)}: the restricted density is undefined here. "
+                f"{_bounded_latent(space, condition_mask)}: the restricted density is undefined here. "
                 "Use interval_sites='transform' for this model."
             )
         return log_density - np.log(acceptance)
 
-    def _sample_z(self, rng_key, sampler, z_observed, condition_mask, num_samples, batch_size, *,
-                  params=None, guidance=None, query=None):
-        """(num_samples, num_tokens) in z-space for one observation."""
-        chunk = min(batch_size, num_samples)
-        num_chunks = -(-num_samples // chunk)
-        sample_fn = self._sample_fn(sampler, chunk, guidance, query=query)
-        params = self.params if params is None else params
-        keys = jax.random.split(rng_key, num_chunks)
-        bar, parts = self._sampling_bar(num_chunks), []
-        for key in keys:
-            parts.append(sample_fn(key, params, jnp.asarray(z_observed), jnp.asarray(condition_mask)))
-            if bar is not None:
-                jax.block_until_ready(parts[-1])
-                bar.update()
-        if bar is not None:
-            bar.close()
-        return jnp.concatenate(parts)[:num_samples]
 
-    def _split_plan(self, query, condition_mask):
-        """How to answer a query with more positions along a variable dim than training saw.
-
-        Training shows at most ``points_per_dim`` positions per variable dim. When a query
-        asks for more latent ones (a series predicted at 200 times) and those latent
-        variable tokens are conditionally independent given the rest (no two adjacent in the
-        attention mask, and every neighbour a token on no variable dim), the query splits
-        exactly: first the other latent tokens given the observations (the many latent
-        ones marginalised, i.e. left out), then, for each draw, the latent variable tokens
-        in chunks of ``points_per_dim``, each given that draw's non-variable tokens.
-
-        Returns ``None`` (answer in one pass) or ``(first, fixed, chunks)``: token indices
-        of the first pass, of the tokens on no variable dim (each chunk's condition), and a
-        list of index arrays, one per chunk.
-        """
-        variable = query.variable
-        if variable is None:
-            return None
-        from numpyro_simformer.variable import variable_token_mask
-
-        on_variable = variable_token_mask(query.layout, variable)
-        latent_variable = np.flatnonzero(on_variable & ~np.asarray(condition_mask))
-        if latent_variable.size == 0 or max(variable.sizes(query.layout.sites).values()) <= self.points_per_dim:
-            return None
-        adjacent = query.attention_mask | query.attention_mask.T
-        np.fill_diagonal(adjacent, False)
-        neighbours = adjacent[latent_variable]
-        if (neighbours & on_variable[None]).any():
-            return None  # coupled series: no exact split; one pass
-        first = np.setdiff1d(np.arange(query.layout.num_tokens), latent_variable)
-        fixed = np.flatnonzero(~on_variable)  # the chunks' only neighbours
-        size = self.points_per_dim
-        chunks = [latent_variable[start:start + size] for start in range(0, latent_variable.size, size)]
-        return first, fixed, chunks
-
-    def _sub_sample_fn(self, sampler, num_tokens: int, batched: bool):
-        """A jitted sampler over a token subset: ``fn(key, (params, node_ids, coordinates, mask), values, ...)``.
-
-        The subset's identities and attention mask are arguments, so every chunk of one
-        size shares one compiled function.
-        """
-        key = ("subset", sampler, num_tokens, batched)
-        if key not in self._sample_fns:
-
-            def denoiser_fn(packed, values, time, condition_mask):
-                params, node_ids, coordinates, attention_mask = packed
-                return self._denoiser_fn(params, values, time, condition_mask, coordinates=coordinates,
-                                         attention_mask=attention_mask, node_ids=node_ids)
-
-            sample_fn = sampler.build(build_score_fn(denoiser_fn, self.sde), self.sde)
-            if batched:  # one draw per row of observed values
-                one = lambda rng_key, packed, values, mask: sample_fn(rng_key, packed, values, mask, 1)[0]
-                self._sample_fns[key] = jax.jit(jax.vmap(one, in_axes=(0, None, 0, None)))
-            else:
-                self._sample_fns[key] = jax.jit(sample_fn, static_argnums=4)
-        return self._sample_fns[key]
-
-    def _packed(self, query, tokens):
-        mask = np.asarray(query.attention_mask)[np.ix_(tokens, tokens)]
-        return (self.params, jnp.asarray(query.layout.node_ids[tokens]), jnp.asarray(query.layout.coordinates[tokens]),
-                jnp.asarray(mask))
-
-    def _sample_z_split(self, rng_key, sampler, query, plan, z_observed, condition_mask, num_samples, batch_size):
-        """(num_samples, num_tokens) in z-space by the split of :meth:`_split_plan`."""
-        first, fixed, chunks = plan
-        key_first, key_chunks = jax.random.split(rng_key)
-        first_fn, packed = self._sub_sample_fn(sampler, first.size, batched=False), self._packed(query, first)
-        chunk = min(batch_size, num_samples)
-        parts = [first_fn(key, packed, jnp.asarray(z_observed[first]), jnp.asarray(condition_mask[first]), chunk)
-                 for key in jax.random.split(key_first, -(-num_samples // chunk))]
-        z = np.repeat(np.asarray(z_observed)[None], num_samples, axis=0)
-        z[:, first] = np.asarray(jnp.concatenate(parts)[:num_samples])
-        bar = self._sampling_bar(len(chunks))
-        for index, latent in enumerate(chunks):
-            tokens = np.concatenate([fixed, latent])
-            chunk_mask = np.concatenate([np.ones(fixed.size, bool), np.zeros(latent.size, bool)])
-            sample_fn, packed = self._sub_sample_fn(sampler, tokens.size, batched=True), self._packed(query, tokens)
-            keys = jax.random.split(jax.random.fold_in(key_chunks, index), num_samples)
-            draws = []
-            for start in range(0, num_samples, batch_size):
-                rows = slice(start, start + batch_size)
-                draws.append(sample_fn(keys[rows], packed, jnp.asarray(z[rows][:, tokens]), jnp.asarray(chunk_mask)))
-            z[:, latent] = np.asarray(jnp.concatenate(draws))[:, fixed.size:]
-            if bar is not None:
-                bar.update()
-        if bar is not None:
-            bar.close()
-        return jnp.asarray(z)
-
-    def _sampling_bar(self, num_calls: int):
-        """A tqdm bar over jitted sampling calls, when ``progress_bar`` is on and there are several."""
-        if not self.progress_bar or num_calls < 2:
-            return None
-        from tqdm.auto import tqdm
-
-        return tqdm(total=num_calls, desc="sampling", unit="call")
-
-    def _sample_z_batched(self, rng_key, sampler, z_observed, condition_mask, num_samples, batch_size, *,
-                          params=None, guidance=None, query=None):
-        """(num_observations, num_samples, num_tokens), vmapped over observations.
-
-        Observation i draws with ``fold_in(rng_key, i)``, split into chunk keys exactly as
-        :meth:`_sample_z` splits its key, so it equals the unbatched query with that key.
-        """
-        chunk = min(batch_size, num_samples)
-        num_chunks = -(-num_samples // chunk)
-        num_observations = z_observed.shape[0]
-        group = min(num_observations, max(1, batch_size // chunk))
-        sample_fn = self._sample_fn(sampler, chunk, guidance, batched=True, query=query)
-        params = self.params if params is None else params
-        keys = jnp.stack([jax.random.split(jax.random.fold_in(rng_key, index), num_chunks)
-                          for index in range(num_observations)])
-        padded = -(-num_observations // group) * group
-        pad = lambda array: np.concatenate([array, np.repeat(array[-1:], padded - num_observations, axis=0)])
-        keys, z_observed, condition_mask = jnp.concatenate([keys, jnp.repeat(keys[-1:], padded - num_observations, 0)]), \
-            pad(np.asarray(z_observed)), pad(np.asarray(condition_mask))
-        results, bar = [], self._sampling_bar(padded // group)
-        for start in range(0, padded, group):
-            rows = slice(start, start + group)
-            parts = [
-                sample_fn(keys[rows, index], params, jnp.asarray(z_observed[rows]), jnp.asarray(condition_mask[rows]))
-                for index in range(num_chunks)
-            ]
-            results.append(jnp.concatenate(parts, axis=1)[:, :num_samples])
-            if bar is not None:
-                jax.block_until_ready(results[-1])
-                bar.update()
-        if bar is not None:
-            bar.close()
-        return jnp.concatenate(results)[:num_observations]
-
-    def _to_datatree(self, tokens, observed_names, observed_values, condition_mask, sampler, *,
-                     batched: bool = False, intervals=None, query=None, deterministic_key=None):
-        """``tokens``: (chain, draw, [observation,] num_tokens); ``observed_values``:
-        ([observation,] num_tokens) with NaN where latent; ``condition_mask`` (..., num_tokens).
-        ``deterministic_key``: computes the deterministic sites with it (``None``: none)."""
-        query = self._default_query if query is None else query
-        layout = query.layout
-        unflat = layout.unflatten(tokens)
-        site_values = {site.name: np.rint(unflat[site.name]).astype(np.int64) if site.is_discrete
-                       else np.asarray(unflat[site.name]) for site in layout.sites}
-        deterministic, not_returned = {}, []
-        if deterministic_key is not None:
-            deterministic, not_returned = self._deterministic(deterministic_key, query, site_values, tokens.ndim - 1)
-        slices = layout.slices()
-        condition_mask = np.reshape(condition_mask, (-1, layout.num_tokens))
-        inferred = [site for site in layout.sites if not condition_mask[:, slices[site.name]].all()]
-        samples = {site.name: site_values[site.name] for site in inferred}
-        observed_sites = layout.unflatten(np.asarray(observed_values, dtype=np.float64))
-        observed_data = {name: observed_sites[name] for name in observed_names}
-        extra_dims = ("observation",) if batched else ()
-        attrs = {
-            "inference_library": "numpyro_simformer",
-            "inference_library_version": __version__,
-            "sampler": repr(sampler),
-            "num_simulations": int(self.simulation_info.num_valid),
-        }
-        if not_returned:
-            attrs["deterministic_sites_not_returned"] = not_returned
-        if intervals is not None:
-            attrs["interval_sites"] = [name for name in layout.site_names
-                                       if intervals.interval_mask[slices[name]].any()]
-            for name in attrs["interval_sites"]:
-                site = layout.site(name)
-                for side, bound in (("lower", intervals.lower), ("upper", intervals.upper)):
-                    value = bound[slices[name]].reshape(site.shape)
-                    observed_data[f"{name}_{side}"] = np.broadcast_to(value, tokens.shape[2:-1] + site.shape)
-        tree = to_datatree(
-            layout,
-            samples,
-            {name: value for name, value in observed_data.items() if name in slices},
-            [site.name for site in inferred if self._has_children[site.name]],
-            [site.name for site in inferred if not self._has_children[site.name]],
-            attrs=attrs,
-            extra_dims=extra_dims,
-            coords=query.coordinates,
-            deterministic=deterministic,
-        )
-        return _add_bounds(tree, layout, observed_data, extra_dims)
-
-    def _deterministic(self, rng_key, query, site_values, batch_ndim):
-        """``({name: (values, dims)}, not_returned)``: the model's deterministic sites per draw."""
-        from numpyro_simformer.deterministic import deterministic_values, read_deterministic
-
-        kwargs = self._model_kwargs if query.model_kwargs is None else query.model_kwargs
-        if query.deterministic is None:
-            query.deterministic = read_deterministic(self.model, self._model_args, kwargs, query.layout.site_names)
-        dims, random_outside = query.deterministic
-        if not dims:
-            return {}, []
-        values, not_returned = deterministic_values(rng_key, self.model, self._model_args, kwargs, site_values,
-                                                    dims, batch_ndim, random_outside)
-        if not_returned:
-            warnings.warn(
-                f"Deterministic site(s) {not_returned} depend on sites outside the tokens (exclude_sites="
-                f"{list(self.exclude_sites)}), so the answer cannot fix them; they are not returned. Make those "
-                "sites tokens to get them.", stacklevel=4)
-        return {name: (value, dims[name]) for name, value in values.items()}, not_returned
+def _bounded_latent(space: QuerySpace, condition_mask) -> str:
+    """The latent sites of a query that draws can leave (``interval_sites="reject"``)."""
+    bounded = np.isfinite(space.transform.z_bounds()[0]) & ~np.asarray(condition_mask)
+    site_index = space.layout.site_of_token()
+    names = dict.fromkeys(space.layout.sites[site_index[token]].name for token in np.flatnonzero(bounded))
+    return "latent bounded sites " + ", ".join(repr(name) for name in names)
 
 
-# fold_in data for the key of the deterministic sites: the sampling key stays as it was
-_DETERMINISTIC_STREAM = 0x64657465
-
-
-class _Query:
-    """What one query layout needs: tokens, transform, score function and compiled samplers."""
-
-    def __init__(self, layout, transform, score_fn, sample_fns, log_prob_fns, coordinates, attention_mask=None,
-                 variable=None, model_kwargs=None):
-        self.layout, self.transform, self.score_fn = layout, transform, score_fn
-        self.sample_fns, self.log_prob_fns = sample_fns, log_prob_fns
-        self.coordinates = coordinates  # {dim: values} for the DataTree
-        self.attention_mask = attention_mask
-        self.variable = variable
-        self.model_kwargs = model_kwargs  # None: the training keyword arguments
-        self.deterministic = None  # ({name: dims}, random_outside) of the model, read on first use
-
-
-def _add_bounds(tree, layout, observed_data, extra_dims):
-    """Put the interval bounds (``{site}_lower``, ``{site}_upper``) into ``observed_data``."""
-    import xarray as xr
-
-    names = {site.name for site in layout.sites}
-    bounds = {}
-    for name, value in observed_data.items():
-        if name in names:
-            continue
-        site = layout.site(name.rsplit("_", 1)[0])
-        bounds[name] = xr.DataArray(np.asarray(value, dtype=np.float64), dims=[*extra_dims, *site.dims])
-    if not bounds:
-        return tree
-    if "observed_data" in tree.children:
-        dataset = tree["observed_data"].to_dataset().assign(bounds)
-    else:
-        dataset = xr.Dataset(bounds)
-    tree["observed_data"] = dataset
-    return tree
+def _transform_for(transform: TokenTransform, trained_layout, layout) -> TokenTransform:
+    """The training transform over a query's layout: each token takes its node's statistics."""
+    node_mean = np.zeros(trained_layout.num_nodes, np.float32)
+    node_std = np.ones(trained_layout.num_nodes, np.float32)
+    node_mean[trained_layout.node_ids], node_std[trained_layout.node_ids] = transform.mean, transform.std
+    return TokenTransform(layout, transform.bijections, node_mean[layout.node_ids], node_std[layout.node_ids])

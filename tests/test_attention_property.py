@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from numpyro_simformer.graph import attention_mask
+from numpyro_simformer.model.graph import attention_mask
 from numpyro_simformer.nn import NetworkConfig, SimformerNetwork, build_denoiser_fn
 
 

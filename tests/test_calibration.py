@@ -133,7 +133,7 @@ def test_plot_coverage(exact_tree):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from numpyro_simformer.plot_diagnostics import plot_coverage
+    from numpyro_simformer.diagnostics.plots import plot_coverage
 
     ax = plot_coverage(exact_tree)
     assert len(ax.lines) >= 3  # two elements, tarp, the diagonal

@@ -14,9 +14,9 @@ import numpyro
 import numpyro.distributions as dist
 import pytest
 
-import numpyro_simformer.train as train_module
+import numpyro_simformer.training.loop as train_module
 from numpyro_simformer import EulerMaruyama, NetworkConfig, Simformer, TrainingConfig, VESDE
-from numpyro_simformer.checkpoint import CheckpointError, ModelMismatchError, decode_config, encode_config
+from numpyro_simformer.io.checkpoint import CheckpointError, ModelMismatchError, decode_config, encode_config
 
 X_O = np.array([0.5, -1.0])
 
@@ -103,9 +103,9 @@ def test_load_gives_identical_samples(fitted, saved, rng_key):
                     np.testing.assert_array_equal(first[group][name].values, second[group][name].values)
     np.testing.assert_array_equal(loaded.parents, fitted.parents)
     np.testing.assert_array_equal(loaded.attention_mask, fitted.attention_mask)
-    np.testing.assert_array_equal(loaded._data_mask, fitted._data_mask)
+    np.testing.assert_array_equal(loaded.spec.data_mask, fitted.spec.data_mask)
     np.testing.assert_array_equal(loaded.transform.mean, fitted.transform.mean)
-    assert loaded._has_children == fitted._has_children
+    assert loaded.spec.has_children == fitted.spec.has_children
     assert loaded.layout.sites == fitted.layout.sites
     assert loaded.network_config == fitted.network_config and loaded.sampler == fitted.sampler
     assert loaded.training_config == fitted.training_config
@@ -223,3 +223,16 @@ def test_interrupted_fit_resumes_to_the_uninterrupted_state(fitted, tmp_path, mo
     assert all(jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), again.params, fitted.params)))
     with pytest.raises(CheckpointError, match="rng_key"):
         tiny_simformer(str(checkpoint_dir)).fit(jax.random.key(1))
+
+
+def test_a_checkpoint_written_before_the_redesign_loads_and_answers_as_it_did():
+    """tests/data/checkpoint_0.1.0 was saved by version 0.1.0 (module paths since moved, a
+    NetworkConfig field since retired); it loads and gives the samples 0.1.0 gave."""
+    def model():
+        theta = numpyro.sample("theta", dist.Normal(0.0, 1.0).expand([2]).to_event(1))
+        numpyro.sample("x", dist.Normal(theta, 0.5).to_event(1))
+
+    data = pathlib.Path(__file__).parent / "data"
+    loaded = Simformer.load(data / "checkpoint_0.1.0", model)
+    tree = loaded.sample(jax.random.key(1), observed={"x": np.array([0.3, -0.2])}, num_samples=8)
+    np.testing.assert_array_equal(tree.posterior["theta"].values, np.load(data / "checkpoint_0.1.0_samples.npy"))

@@ -12,7 +12,7 @@ import numpyro.distributions as dist
 import pytest
 
 from numpyro_simformer import EulerMaruyama, NetworkConfig, Simformer, SimformerEnsemble, TrainingConfig
-from numpyro_simformer.simulate import simulate
+from numpyro_simformer.model.simulate import simulate
 
 X_O = np.array([0.5, -1.0])
 

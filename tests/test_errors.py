@@ -137,7 +137,7 @@ def test_bad_config_values():
 
 def test_condition_mask_weights_accept_lists():
     """Lists (e.g. read from JSON) work like tuples: the distribution is a hashed jit argument."""
-    from numpyro_simformer.masks import ConditionMaskDistribution
+    from numpyro_simformer.diffusion.masks import ConditionMaskDistribution
 
     listed = ConditionMaskDistribution(bernoulli=[0.1, 0.3], bernoulli_rates=[0.3, 0.7])
     assert listed == ConditionMaskDistribution(bernoulli=(0.1, 0.3), bernoulli_rates=(0.3, 0.7))

@@ -10,7 +10,7 @@ import numpyro.distributions as dist
 import pytest
 from numpyro.contrib.control_flow import scan
 
-from numpyro_simformer.graph import attention_mask, dependency_matrix, element_parents
+from numpyro_simformer.model.graph import attention_mask, dependency_matrix, element_parents
 
 
 def _expected(labels: list[str], edges: dict[str, list[str]]) -> np.ndarray:
@@ -417,7 +417,7 @@ def test_plot_dependencies_runs_with_agg():
 
 def test_dependency_matrix_is_exported_at_the_top_level():
     import numpyro_simformer
-    from numpyro_simformer import graph
+    from numpyro_simformer.model import graph
 
     assert numpyro_simformer.dependency_matrix is graph.dependency_matrix
 

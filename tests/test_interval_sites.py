@@ -24,10 +24,10 @@ from numpyro.distributions import constraints, transforms as numpyro_transforms
 from scipy import stats
 
 from numpyro_simformer import NetworkConfig, Simformer, TrainingConfig
-from numpyro_simformer.layout import TokenLayout
-from numpyro_simformer.rejection import SUPPORT_STREAM, draws_in_support
-from numpyro_simformer.sites import SiteInfo
-from numpyro_simformer.transforms import IntervalClip, IntervalReflect, fit_token_transform, site_bijection
+from numpyro_simformer.tokens.layout import TokenLayout
+from numpyro_simformer.inference.rejection import SUPPORT_STREAM, draws_in_support
+from numpyro_simformer.model.sites import SiteInfo
+from numpyro_simformer.tokens.transforms import IntervalClip, IntervalReflect, fit_token_transform, site_bijection
 
 
 def _site(name, distribution, shape=()):

@@ -15,8 +15,8 @@ SCRIPT = textwrap.dedent(
     """
     import jax, numpy as np, numpyro, numpyro.distributions as dist
     from numpyro_simformer import NetworkConfig, Simformer, TrainingConfig
-    from numpyro_simformer.simulate import simulate
-    from numpyro_simformer.parallel import data_parallel
+    from numpyro_simformer.model.simulate import simulate
+    from numpyro_simformer.training.parallel import data_parallel
 
     assert jax.device_count() == 2, jax.devices()
 
@@ -95,9 +95,9 @@ def test_validation_in_chunks_equals_the_one_pass_loss():
     import jax.numpy as jnp
     import numpy as np
 
-    from numpyro_simformer.loss import batch_loss
-    from numpyro_simformer.masks import ConditionMaskDistribution
-    from numpyro_simformer.train import _draw_batch, _validation_fn
+    from numpyro_simformer.diffusion.loss import batch_loss
+    from numpyro_simformer.diffusion.masks import ConditionMaskDistribution
+    from numpyro_simformer.training.loop import _draw_batch, _validation_fn
 
     def example_losses(params, keys, x0, condition_mask, structure=None):  # depends on every input
         noise = jax.vmap(lambda key, x: jax.random.normal(key, x.shape))(keys, x0)

@@ -35,13 +35,13 @@ from numpyro_simformer import (
     VESDE,
     VPSDE,
 )
-from numpyro_simformer.density import conditional_log_prob, latent_log_abs_det_jacobian, trace_probes
+from numpyro_simformer.inference.density import conditional_log_prob, latent_log_abs_det_jacobian, trace_probes
 from numpyro_simformer.diagnostics import c2st
-from numpyro_simformer.layout import TokenLayout
-from numpyro_simformer.query import interval_bounds
+from numpyro_simformer.tokens.layout import TokenLayout
+from numpyro_simformer.inference.query import interval_bounds
 from numpyro_simformer.samplers import SigmoidIntervalGuidance
-from numpyro_simformer.sites import SiteInfo
-from numpyro_simformer.transforms import fit_token_transform
+from numpyro_simformer.model.sites import SiteInfo
+from numpyro_simformer.tokens.transforms import fit_token_transform
 
 NOISE = 0.5
 INF = np.inf

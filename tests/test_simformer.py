@@ -133,7 +133,7 @@ def test_observed_tokens_never_move_in_z_space(fitted, rng_key):
     """Run the sampler directly: clamped tokens equal their values bit for bit."""
     condition_mask = np.array([True, False, False, False, True, False])
     z_observed = np.where(condition_mask, np.array([0.3, 0, 0, 0, -1.2, 0], np.float32), 0.0).astype(np.float32)
-    sample_fn = fitted.sampler.build(fitted._score_fn, fitted.sde)
+    sample_fn = fitted.sampler.build(fitted.state.score_fn, fitted.sde)
     z = np.asarray(sample_fn(rng_key, fitted.params, z_observed, condition_mask, 32))
     np.testing.assert_array_equal(z[:, condition_mask], np.broadcast_to(z_observed[condition_mask], (32, 2)))
     assert np.all(np.isfinite(z))

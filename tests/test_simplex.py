@@ -13,8 +13,8 @@ import pytest
 
 from helpers import TINY
 from numpyro_simformer import Simformer, TrainingConfig
-from numpyro_simformer.sites import SiteInfo
-from numpyro_simformer.transforms import SimplexLogRatio, couples_elements, site_bijection
+from numpyro_simformer.model.sites import SiteInfo
+from numpyro_simformer.tokens.transforms import SimplexLogRatio, couples_elements, site_bijection
 
 CONCENTRATION = np.array([2.0, 3.0, 5.0])
 

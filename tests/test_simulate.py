@@ -8,7 +8,7 @@ import numpyro.distributions as dist
 import pytest
 from numpyro import handlers
 
-from numpyro_simformer.simulate import simulate
+from numpyro_simformer.model.simulate import simulate
 
 
 def model():

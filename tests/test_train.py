@@ -9,9 +9,9 @@ import numpyro
 import numpyro.distributions as dist
 import pytest
 
-import numpyro_simformer.train as train_module
+import numpyro_simformer.training.loop as train_module
 from numpyro_simformer import NetworkConfig, Simformer, TrainingConfig
-from numpyro_simformer.masks import ConditionMaskDistribution
+from numpyro_simformer.diffusion.masks import ConditionMaskDistribution
 
 
 def model():

@@ -13,16 +13,19 @@ per side is about 0.01), and moments within 5 Monte Carlo standard errors plus 0
 standard deviations for the network's approximation.
 """
 
+import dataclasses
+
 import jax
 import numpy as np
 import numpyro
 import numpyro.distributions as dist
 import pytest
 
+from helpers import TINY
 from numpyro_simformer import NetworkConfig, Simformer, TrainingConfig
 from numpyro_simformer.diagnostics import c2st
-from numpyro_simformer.sites import read_sites, trace_model
-from numpyro_simformer.variable import (Subsampler, close_over_variable, node_level_mask, resolve_variable_dims,
+from numpyro_simformer.model.sites import read_sites, trace_model
+from numpyro_simformer.model.variable import (Subsampler, close_over_variable, node_level_mask, resolve_variable_dims,
                                         variable_layout)
 
 NOISE = 1.0  # a posterior a few times narrower than the prior: what a small network learns in 3,000 steps
@@ -198,11 +201,9 @@ def test_coordinates_of_the_wrong_length_are_an_error():
 
 
 def test_model_kwargs_need_variable_dims():
-    sf = small(trials_model)
-    sf._fitted = True
-    sf.variable_dims, sf._default_query = None, None
+    sf = Simformer(trials_model, **TINY).fit(jax.random.key(0), n=4)
     with pytest.raises(ValueError, match="no variable-size dims"):
-        sf._query({"n": 3})
+        sf.sample(jax.random.key(1), num_samples=2, model_kwargs={"n": 3})
 
 
 def test_query_that_changes_a_fixed_axis_is_an_error(line):
@@ -211,13 +212,10 @@ def test_query_that_changes_a_fixed_axis_is_an_error(line):
         with numpyro.plate("time", len(t)):
             numpyro.sample("x", dist.Normal(theta[0] + theta[1] * t, NOISE))
 
-    model = line.model
-    try:
-        line.model = wider
-        with pytest.raises(ValueError, match="'theta'.*trained shape"):
-            line.sample(jax.random.key(0), observed={}, num_samples=10, model_kwargs={"t": GRID[:3]})
-    finally:
-        line.model = model
+    # the fitted spec, read again with a model whose theta grows: only variable dims may change
+    changed = dataclasses.replace(line.spec, model=wider)
+    with pytest.raises(ValueError, match="'theta'.*trained shape"):
+        changed.at({"t": GRID[:3]})
 
 
 def test_node_level_mask_only_when_attention_depends_on_nodes_alone():

@@ -17,7 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpyro  # noqa: E402
 import numpyro.distributions as dist  # noqa: E402
 
-from numpyro_simformer.graph import attention_mask, dependency_matrix  # noqa: E402
+from numpyro_simformer.model.graph import attention_mask, dependency_matrix  # noqa: E402
 from numpyro_simformer.plot import plot_dependencies  # noqa: E402
 
 

@@ -42,7 +42,7 @@ import numpy as np
 import xarray as xr
 from scipy import stats
 
-from numpyro_simformer._checks import check_rng_key
+from numpyro_simformer._checks import check_fitted, check_rng_key
 
 __all__ = ["sbc", "coverage", "uniformity_test", "rank_uniformity_pvalue"]
 
@@ -58,9 +58,9 @@ def _is_simformer(posterior) -> bool:
 def _sites_of(posterior, model, model_args, model_kwargs):
     """(model, {name: SiteInfo}) for a Simformer or a model."""
     if _is_simformer(posterior):
-        posterior._check_fitted("sbc")
+        check_fitted(posterior, "sbc")
         return posterior.model, {site.name: site for site in posterior.layout.sites}
-    from numpyro_simformer.sites import read_sites, trace_model
+    from numpyro_simformer.model.sites import read_sites, trace_model
 
     if model is None:
         raise ValueError(
@@ -79,7 +79,7 @@ def _choose_sites(posterior, sites, observed_sites, target_sites):
                 "sbc: with a posterior function, say which sites it conditions on: "
                 f"`observed_sites=[...]` (the model's sites are {names})."
             )
-        observed_sites = [name for name in names if not posterior._has_children[name]]
+        observed_sites = [name for name in names if not posterior.spec.has_children[name]]
     if isinstance(observed_sites, str) or isinstance(target_sites, str):
         raise TypeError("sbc: `observed_sites` and `target_sites` take a list of site names, not a string.")
     observed_sites = list(observed_sites)
@@ -181,7 +181,7 @@ def sbc(
     """
     from arviz_base import from_dict
 
-    from numpyro_simformer.simulate import simulate
+    from numpyro_simformer.model.simulate import simulate
 
     for name, value in (("num_simulations", num_simulations), ("num_samples", num_samples)):
         if not isinstance(value, (int, np.integer)) or value < 1:

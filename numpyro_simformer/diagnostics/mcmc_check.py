@@ -23,8 +23,8 @@ from typing import Callable, Mapping
 import jax
 import numpy as np
 
-from numpyro_simformer._checks import check_rng_key
-from numpyro_simformer.layout import element_labels
+from numpyro_simformer._checks import check_fitted, check_rng_key
+from numpyro_simformer.tokens.layout import element_labels
 
 __all__ = ["MCMCCheck", "check_against_mcmc"]
 
@@ -149,7 +149,7 @@ def check_against_mcmc(
     from numpyro_simformer.diagnostics.c2st import c2st, c2st_null_std
     from numpyro_simformer.tasks.reference import nuts_reference_with_diagnostics
 
-    sf._check_fitted("check_against_mcmc")
+    check_fitted(sf, "check_against_mcmc")
     if not isinstance(num_samples, (int, np.integer)) or num_samples < 10:
         raise ValueError(f"check_against_mcmc: `num_samples` must be an integer >= 10, got {num_samples!r}.")
     check_rng_key(rng_key, "check_against_mcmc")

@@ -44,7 +44,6 @@ class NetworkConfig:
     mlp_width: int = 128
     num_time_features: int = 64
     num_coordinate_features: int = 16
-    variable_size: bool = False  # set by Simformer for coordinate / exchangeable dims
 
     def __post_init__(self):
         for name in ("width", "num_layers", "num_heads", "mlp_width", "num_time_features"):
@@ -90,10 +89,13 @@ class SimformerNetwork(nnx.Module):
     Args:
         num_nodes: size of the node-identity table.
         config: a :class:`NetworkConfig`.
+        variable_size: the model has coordinate or exchangeable dims (sizes that change
+            between training and queries).
         rngs: ``nnx.Rngs`` for the initialisation.
     """
 
-    def __init__(self, num_nodes: int, config: NetworkConfig = NetworkConfig(), *, rngs: nnx.Rngs):
+    def __init__(self, num_nodes: int, config: NetworkConfig = NetworkConfig(), *, variable_size: bool = False,
+                 rngs: nnx.Rngs):
         width = config.width
         self.node_embedding = nnx.Embed(num_nodes, width, rngs=rngs)
         self.value_embedding = nnx.Linear(1, width, rngs=rngs)
@@ -105,11 +107,11 @@ class SimformerNetwork(nnx.Module):
         self.coordinate_frequencies = nnx.Variable(
             jax.random.normal(rngs.params(), (config.num_coordinate_features,)) * 3.0
         )
-        # With variable-size dims (``config.variable_size``) the coordinate itself joins its
+        # With variable-size dims (``variable_size``) the coordinate itself joins its
         # Fourier features, and each token gets log(1 + n) of its node's present and observed
         # tokens: attention averages, so a node with a variable number of elements (a series
         # observed at n times) tells its readers n this way. Fixed layouts need neither.
-        self.variable_size = bool(config.variable_size)
+        self.variable_size = bool(variable_size)
         self.coordinate_embedding = nnx.Linear(2 * config.num_coordinate_features + self.variable_size, width,
                                                rngs=rngs)
         if self.variable_size:

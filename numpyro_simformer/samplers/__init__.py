@@ -1,6 +1,6 @@
 """Samplers: reverse-time SDE and probability-flow ODE solvers over latent tokens.
 
-A sampler is a frozen dataclass with a ``build(score_fn, sde)`` method that returns a pure
+A sampler is a frozen dataclass subclassing :class:`AbstractSampler`, with a ``build(score_fn, sde)`` method that returns a pure
 ``sample_fn(rng_key, params, observed_values, condition_mask, num_samples)``, and a
 ``network_evaluations`` property (per sample; ``None`` where it varies).
 
@@ -13,7 +13,8 @@ A sampler is a frozen dataclass with a ``build(score_fn, sde)`` method that retu
 """
 
 from numpyro_simformer.samplers.edm import EDMHeun
-from numpyro_simformer.samplers.euler_maruyama import EulerMaruyama, build_score_fn
+from numpyro_simformer.samplers.base import AbstractSampler
+from numpyro_simformer.samplers.euler_maruyama import EulerMaruyama
 from numpyro_simformer.samplers.guidance import GaussianIntervalGuidance, GuidedEulerMaruyama, SigmoidIntervalGuidance
 from numpyro_simformer.samplers.ode import ProbabilityFlowODE
 
@@ -24,5 +25,5 @@ __all__ = [
     "GuidedEulerMaruyama",
     "GaussianIntervalGuidance",
     "SigmoidIntervalGuidance",
-    "build_score_fn",
+    "AbstractSampler",
 ]

@@ -29,7 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from numpyro_simformer.samplers.euler_maruyama import initial_latent
+from numpyro_simformer.samplers.base import AbstractSampler
+from numpyro_simformer.diffusion.score import initial_latent
 
 __all__ = ["EDMHeun", "edm_noise_levels", "time_of_noise_level"]
 
@@ -78,7 +79,7 @@ def edm_noise_levels(num_steps: int, sigma_min: float, sigma_max: float, rho: fl
 
 
 @dataclass(frozen=True)
-class EDMHeun:
+class EDMHeun(AbstractSampler):
     """Deterministic Heun steps on Karras et al.'s noise schedule: ``2 num_steps - 1`` evaluations.
 
     Attributes:

@@ -14,42 +14,14 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
-from numpyro_simformer.loss import network_input
+from numpyro_simformer.diffusion.score import initial_latent, tweedie_denoise
+from numpyro_simformer.samplers.base import AbstractSampler
 
-__all__ = ["EulerMaruyama", "build_score_fn"]
-
-
-def build_score_fn(denoiser_fn, sde):
-    """``score_fn(params, x_t, time, condition_mask) -> score`` from the noise predictor.
-
-    ``x_t``: (batch, num_tokens); ``time``: (batch,). The score of observed tokens is
-    meaningless and should be ignored by callers.
-    """
-
-    def score_fn(params, x_t, time, condition_mask):
-        _, sigma = sde.marginal(time)
-        noise = denoiser_fn(params, network_input(sde, x_t, time, condition_mask), time, condition_mask)
-        return -noise / sigma[..., None]
-
-    return score_fn
-
-
-def initial_latent(rng_key, sde, observed_values, condition_mask, num_samples):
-    """Draw latent tokens from the prior at t = 1; observed tokens take their values."""
-    noise = jax.random.normal(rng_key, (num_samples,) + observed_values.shape)
-    return jnp.where(condition_mask, observed_values, noise * sde.prior_std())
-
-
-def tweedie_denoise(score_fn, sde, params, x, time, condition_mask):
-    """``E[x_0 | x_t]`` for latent tokens; observed tokens unchanged."""
-    alpha, sigma = sde.marginal(time)
-    score = score_fn(params, x, time, condition_mask)
-    denoised = (x + sigma[..., None] ** 2 * score) / alpha[..., None]
-    return jnp.where(condition_mask, x, denoised)
+__all__ = ["EulerMaruyama"]
 
 
 @dataclass(frozen=True)
-class EulerMaruyama:
+class EulerMaruyama(AbstractSampler):
     """Euler–Maruyama on the reverse SDE, ``num_steps`` uniform steps in t.
 
     ``num_steps`` network evaluations per sample (plus one for the final denoising).

@@ -27,7 +27,7 @@ every sampler accepts it; :class:`GuidedEulerMaruyama` adds the resampling of th
 reference ("re-noise one step, redo"), which the paper uses for intervals and which is
 needed: without it the unconstrained tokens do not follow the constrained ones.
 
-All bounds are in z-space (see :func:`numpyro_simformer.query.interval_bounds`).
+All bounds are in z-space (see :func:`numpyro_simformer.inference.query.interval_bounds`).
 
 Example:
     >>> guided_score_fn = build_interval_score_fn(score_fn, sde)           # doctest: +SKIP
@@ -37,6 +37,8 @@ Example:
 
 from __future__ import annotations
 
+import abc
+
 import math
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -45,13 +47,15 @@ import jax
 import jax.numpy as jnp
 from jax.scipy.special import log_ndtr
 
-from numpyro_simformer.samplers.euler_maruyama import initial_latent, tweedie_denoise
+from numpyro_simformer.samplers.base import AbstractSampler
+from numpyro_simformer.diffusion.score import initial_latent, tweedie_denoise
 
 __all__ = [
     "IntervalBounds",
     "GaussianIntervalGuidance",
     "SigmoidIntervalGuidance",
     "build_interval_score_fn",
+    "AbstractIntervalGuidance",
     "GuidedEulerMaruyama",
 ]
 
@@ -61,6 +65,22 @@ class IntervalBounds(NamedTuple):
 
     lower: jax.Array
     upper: jax.Array
+
+
+class AbstractIntervalGuidance(abc.ABC):
+    """How an interval condition ``lower <= x_0 <= upper`` steers the score.
+
+    Subclasses are frozen dataclasses implementing both methods; every array is in z-space,
+    (..., num_tokens), with ``-inf`` / ``inf`` bounds for open sides.
+    """
+
+    @abc.abstractmethod
+    def log_constraint(self, x0_hat, lower, upper, alpha, sigma):
+        """The log constraint ``log c(x_t)``, summed over tokens: (..., num_tokens) -> (...)."""
+
+    @abc.abstractmethod
+    def gradient(self, x0_hat, lower, upper, alpha, sigma):
+        """``d log c / d x_t``, added to the score of the latent tokens."""
 
 
 def _open_sides(lower, upper):
@@ -73,7 +93,7 @@ def _log_normal_density(h):
 
 
 @dataclass(frozen=True)
-class GaussianIntervalGuidance:
+class GaussianIntervalGuidance(AbstractIntervalGuidance):
     """``log c = log P(a <= x_0 <= b)``, ``x_0 ~ N(x0_hat, tau^2)``, ``tau^2 = sigma^2 / (alpha^2 + sigma^2)``.
 
     The default guidance for interval conditions; see the module docstring for why.
@@ -134,7 +154,7 @@ def _inverse_mills(h):
 
 
 @dataclass(frozen=True)
-class SigmoidIntervalGuidance:
+class SigmoidIntervalGuidance(AbstractIntervalGuidance):
     """The paper's ``log c = log sigmoid(k (x - a)) + log sigmoid(k (b - x))``, ``k = scale / sigma^2``.
 
     Attributes:
@@ -185,7 +205,7 @@ def build_interval_score_fn(score_fn, sde, guidance=GaussianIntervalGuidance()):
 
 
 @dataclass(frozen=True)
-class GuidedEulerMaruyama:
+class GuidedEulerMaruyama(AbstractSampler):
     """Euler–Maruyama on the reverse SDE with ``resampling_steps`` re-noise-and-redo iterations.
 
     After each step from t to t' < t, the tokens are noised back from t' to t with the

@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 import diffrax
 import jax.numpy as jnp
 
-from numpyro_simformer.samplers.euler_maruyama import initial_latent, tweedie_denoise
+from numpyro_simformer.samplers.base import AbstractSampler
+from numpyro_simformer.diffusion.score import initial_latent, tweedie_denoise
 
 __all__ = ["ProbabilityFlowODE", "probability_flow_drift"]
 
@@ -50,7 +51,7 @@ def probability_flow_drift(score_fn, sde, params, x, time, condition_mask):
 
 
 @dataclass(frozen=True)
-class ProbabilityFlowODE:
+class ProbabilityFlowODE(AbstractSampler):
     """Integrate the probability-flow ODE from t = 1 to ``t_min`` with a diffrax solver.
 
     Attributes:
@@ -95,9 +96,9 @@ class ProbabilityFlowODE:
         """Network evaluations per sample for fixed steps; ``None`` when adaptive (it varies)."""
         if self.num_steps is None:
             return None
-        tableau = getattr(self.solver, "tableau", None)
-        if tableau is None:
+        if not isinstance(self.solver, diffrax.AbstractRungeKutta):  # no Butcher tableau to count stages
             return None
+        tableau = self.solver.tableau
         per_step = tableau.num_stages - int(tableau.fsal)
         return self.num_steps * per_step + int(tableau.fsal) + int(self.final_denoise)
 

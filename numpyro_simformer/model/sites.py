@@ -3,7 +3,7 @@
 The model is traced once, with no observations, under a fixed key. Every sample site
 that the model does not observe itself (no ``obs=``) is a candidate token site. What is
 read here is static: names, shapes, dtypes, supports and the plates over each axis. The
-element-level dependency graph lives in :mod:`numpyro_simformer.graph`.
+element-level dependency graph lives in :mod:`numpyro_simformer.model.graph`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import numpyro
 from numpyro import handlers
 from numpyro.distributions import constraints
 
-__all__ = ["SiteInfo", "trace_model", "read_sites"]
+__all__ = ["SiteInfo", "trace_model", "read_sites", "site_dims"]
 
 
 @dataclass(frozen=True)
@@ -79,7 +79,7 @@ def _is_token_candidate(site: dict) -> bool:
     )
 
 
-def _dims(name: str, shape: tuple[int, ...], event_dim: int, frames) -> tuple[str, ...]:
+def site_dims(name: str, shape: tuple[int, ...], event_dim: int, frames) -> tuple[str, ...]:
     dims = [f"{name}_dim_{k}" for k in range(len(shape))]
     batch_ndim = len(shape) - event_dim
     for frame in frames:
@@ -133,7 +133,7 @@ def read_sites(
                 event_dim=event_dim,
                 support=support,
                 is_discrete=bool(getattr(support, "is_discrete", False)),
-                dims=_dims(name, tuple(value.shape), event_dim, site.get("cond_indep_stack", ())),
+                dims=site_dims(name, tuple(value.shape), event_dim, site.get("cond_indep_stack", ())),
             )
         )
     return sites

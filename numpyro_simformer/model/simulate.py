@@ -84,7 +84,7 @@ def simulate(
         model_args, model_kwargs: passed to the model.
         chunk_size: draws per jitted call (bounds the memory of one call).
         progress_bar: show a tqdm bar over chunks.
-        data_parallel: a :class:`~numpyro_simformer.parallel.DataParallel`: each chunk's
+        data_parallel: a :class:`~numpyro_simformer.training.parallel.DataParallel`: each chunk's
             keys are sharded over its devices. Every draw depends on its own key alone,
             so the draws equal unsharded ones; only one chunk is on the devices at a time
             and the draws are gathered on the host.

@@ -18,9 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from numpyro_simformer.loss import batch_loss
-from numpyro_simformer.masks import ConditionMaskDistribution, sample_condition_mask
-from numpyro_simformer.parallel import resolve_devices
+from numpyro_simformer.diffusion.loss import batch_loss
+from numpyro_simformer.diffusion.masks import ConditionMaskDistribution, sample_condition_mask
+from numpyro_simformer.training.parallel import resolve_devices
+from numpyro_simformer.training.checkpoint import TrainingCheckpointer, run_fingerprint
 
 __all__ = [
     "TrainingConfig", "TrainState", "TrainingHistory", "LoopState", "build_schedule", "build_optimizer",
@@ -281,7 +282,7 @@ def build_train_fn(loss_fn, optimizer, mask_distribution: ConditionMaskDistribut
     the host at :func:`batch_indices` (the rows the device path would draw). With
     ``batch_sharding`` (a ``NamedSharding`` over a ``"data"`` axis) each batch is split over
     the devices and ``jit`` all-reduces the gradients. With ``subsample`` (a
-    :class:`~numpyro_simformer.variable.Subsampler`) each example is a random subset of
+    :class:`~numpyro_simformer.model.variable.Subsampler`) each example is a random subset of
     its row along the variable-size dims, and ``data_mask`` is over the subset's tokens.
     """
     data_mask = jnp.asarray(data_mask, dtype=bool)
@@ -390,11 +391,11 @@ def train(rng_key, example_losses_fn, params, data, data_mask, config: TrainingC
 
     Args:
         example_losses_fn: ``(params, keys, x0, condition_mask, structure) -> (batch,)``,
-            one loss per example (:func:`~numpyro_simformer.loss.build_example_losses_fn`);
+            one loss per example (:func:`~numpyro_simformer.diffusion.loss.build_example_losses_fn`);
             training minimises its batch mean.
         checkpoint_tag: a string that identifies everything else the run depends on (the
             model and network, which ``example_losses_fn`` hides); part of the run's fingerprint.
-        subsample: optional :class:`~numpyro_simformer.variable.Subsampler`: train on random
+        subsample: optional :class:`~numpyro_simformer.model.variable.Subsampler`: train on random
             subsets of each row along its variable-size dims (``data_mask`` is then over
             the subset's tokens).
 
@@ -445,8 +446,6 @@ def train(rng_key, example_losses_fn, params, data, data_mask, config: TrainingC
     loop = LoopState(state, 0, (), np.zeros(0, np.float32), np.inf, params, 0, 0, False, False, 0.0, 0)
     checkpointer = None
     if config.checkpoint_dir is not None:
-        from numpyro_simformer.checkpoint import TrainingCheckpointer, run_fingerprint
-
         checkpointer = TrainingCheckpointer(
             config.checkpoint_dir, run_fingerprint(rng_key, data, data_mask, config, mask_distribution, checkpoint_tag)
         )

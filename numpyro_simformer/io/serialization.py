@@ -46,7 +46,7 @@ __all__ = [
     "record_header",
 ]
 
-FORMAT_NAME = "numpyro_simformer.checkpoint"
+FORMAT_NAME = "numpyro_simformer.checkpoint"  # a name in the files, not a module path: never changes
 FORMAT_VERSION = 1
 
 
@@ -90,6 +90,18 @@ def encode_config(value: Any) -> Any:
     )
 
 
+# Modules that moved in 0.2.0 (the package's subpackages): checkpoints written before name
+# their configuration classes by the old paths.
+_MOVED_MODULES = {
+    "numpyro_simformer.sde": "numpyro_simformer.diffusion.sde",
+    "numpyro_simformer.masks": "numpyro_simformer.diffusion.masks",
+    "numpyro_simformer.train": "numpyro_simformer.training.loop",
+    "numpyro_simformer.density": "numpyro_simformer.inference.density",
+}
+# Fields a class no longer has, with the only value an old checkpoint can hold for them.
+_RETIRED_FIELDS = {"NetworkConfig": {"variable_size": False}}
+
+
 def decode_config(record: Any) -> Any:
     """Inverse of :func:`encode_config`; only classes of ``numpyro_simformer`` are rebuilt.
 
@@ -104,6 +116,7 @@ def decode_config(record: Any) -> Any:
     if isinstance(record, dict):
         type_name = record["type"]
         module_name, _, qualname = type_name.rpartition(".")
+        module_name = _MOVED_MODULES.get(module_name, module_name)
         if not (module_name == "numpyro_simformer" or module_name.startswith("numpyro_simformer.")):
             raise CheckpointError(
                 f"The checkpoint holds a {type_name}, defined outside numpyro_simformer; checkpoints "
@@ -120,6 +133,9 @@ def decode_config(record: Any) -> Any:
         if not dataclasses.is_dataclass(cls):
             raise CheckpointError(f"The checkpoint names {type_name}, which is not a configuration dataclass.")
         fields = {name: decode_config(value) for name, value in record["fields"].items()}
+        for name, value in _RETIRED_FIELDS.get(qualname, {}).items():
+            if fields.get(name, value) == value:
+                fields.pop(name, None)
         try:
             return cls(**fields)
         except TypeError as error:
@@ -166,7 +182,7 @@ def decode_named_tuple(cls, record: dict):
 
 def support_record(support) -> dict:
     """The parts of a NumPyro constraint that decide its bijection: types, event dim, bounds."""
-    from numpyro_simformer.sites import support_bounds
+    from numpyro_simformer.model.sites import support_bounds
 
     names, inner = [], support
     while hasattr(inner, "base_constraint"):

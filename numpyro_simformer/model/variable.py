@@ -35,8 +35,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from numpyro_simformer.layout import TokenLayout
-from numpyro_simformer.sites import SiteInfo
+from numpyro_simformer.tokens.layout import TokenLayout
+from numpyro_simformer.model.sites import SiteInfo
 
 __all__ = ["VariableDims", "resolve_variable_dims", "variable_layout", "close_over_variable", "Subsampler"]
 

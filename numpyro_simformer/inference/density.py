@@ -39,8 +39,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from numpyro_simformer.layout import TokenLayout
-from numpyro_simformer.transforms import base_transform, couples_elements
+from numpyro_simformer.tokens.layout import TokenLayout
+from numpyro_simformer.tokens.transforms import base_transform, couples_elements
 from numpyro_simformer.samplers.ode import probability_flow_drift
 
 __all__ = [
@@ -81,7 +81,7 @@ def latent_log_abs_det_jacobian(transform, z, latent_mask):
     """``log |dx/dz|`` of the latent tokens, x the constrained tokens, for each leading index.
 
     Args:
-        transform: a :class:`~numpyro_simformer.transforms.TokenTransform`.
+        transform: a :class:`~numpyro_simformer.tokens.transforms.TokenTransform`.
         z: (..., num_tokens) in z-space.
         latent_mask: bool (num_tokens,), True for the tokens whose Jacobian counts.
 
@@ -301,7 +301,7 @@ def conditional_log_prob(rng_key, log_prob_fn, params, transform, tokens, condit
         rng_key: a JAX PRNG key for Hutchinson probes; may be ``None`` with the exact trace.
         log_prob_fn: ``jax.jit(ProbabilityFlowLogDensity.build(...), static_argnames="exact")``.
         params: the network's parameters.
-        transform: the :class:`~numpyro_simformer.transforms.TokenTransform`.
+        transform: the :class:`~numpyro_simformer.tokens.transforms.TokenTransform`.
         tokens: float (num_points, num_tokens), constrained, observed tokens holding their
             values (see :func:`points_to_tokens`).
         condition_mask: bool (num_tokens,), True where observed.
@@ -319,7 +319,7 @@ def conditional_log_prob(rng_key, log_prob_fn, params, transform, tokens, condit
             f"{exact_trace_max_dim}, so the divergence uses Hutchinson's random estimator: pass "
             "`rng_key`, or raise `exact_trace_max_dim` for the exact trace."
         )
-    z = np.asarray(jax.jit(transform.to_z)(np.asarray(tokens, dtype=np.float32)))
+    z = np.asarray(transform.to_z_fn(np.asarray(tokens, dtype=np.float32)))
     inside = np.all(np.isfinite(z), axis=-1)
     z = np.where(np.isfinite(z), z, 0.0).astype(np.float32)  # placeholders; those points return -inf
     num_points = z.shape[0]

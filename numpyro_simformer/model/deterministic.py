@@ -18,7 +18,7 @@ import jax
 import numpy as np
 from numpyro.infer import Predictive
 
-from numpyro_simformer.sites import _dims, trace_model
+from numpyro_simformer.model.sites import site_dims, trace_model
 
 __all__ = ["read_deterministic", "deterministic_values"]
 
@@ -28,7 +28,7 @@ def read_deterministic(model: Callable, model_args: tuple, model_kwargs: Mapping
     a plate sits), and whether it draws any sample site that is not a token."""
     trace = trace_model(jax.random.key(0), model, model_args, dict(model_kwargs))
     dims = {
-        name: _dims(name, tuple(np.shape(site["value"])), 0, site.get("cond_indep_stack", ()))
+        name: site_dims(name, tuple(np.shape(site["value"])), 0, site.get("cond_indep_stack", ()))
         for name, site in trace.items()
         if site["type"] == "deterministic"
     }

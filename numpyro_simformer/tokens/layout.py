@@ -17,7 +17,7 @@ from typing import Mapping
 import jax.numpy as jnp
 import numpy as np
 
-from numpyro_simformer.sites import SiteInfo
+from numpyro_simformer.model.sites import SiteInfo
 
 __all__ = ["TokenLayout", "element_labels"]
 
@@ -95,6 +95,18 @@ class TokenLayout:
             batch_shape = value.shape[:batch_ndim]
             parts.append(jnp.reshape(value, batch_shape + (site.size,)).astype(jnp.float32))
         return jnp.concatenate(parts, axis=-1)
+
+    def flatten_host(self, values: dict[str, np.ndarray]) -> np.ndarray:
+        """float32 (num_rows, num_tokens) from ``{site: (num_rows, *site shape)}``, on the host.
+
+        Each site's array is removed from ``values`` once copied, so the table is held
+        about once, not twice.
+        """
+        num_rows = len(values[self.sites[0].name])
+        tokens = np.empty((num_rows, self.num_tokens), np.float32)
+        for site, part in zip(self.sites, self.slices().values()):
+            tokens[:, part] = np.reshape(values.pop(site.name), (num_rows, site.size))
+        return tokens
 
     def unflatten(self, tokens) -> dict[str, "jnp.ndarray"]:
         """Split (*batch, num_tokens) into site arrays of shape (*batch, *site.shape)."""

@@ -10,12 +10,15 @@ from __future__ import annotations
 from typing import Mapping, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from numpyro_simformer.layout import TokenLayout
-from numpyro_simformer.transforms import couples_elements
+from numpyro_simformer.samplers.guidance import IntervalBounds
+from numpyro_simformer.tokens.layout import TokenLayout
+from numpyro_simformer.tokens.transforms import couples_elements
 
-__all__ = ["observed_tokens", "batched_observed_tokens", "to_z_checked", "IntervalQuery", "interval_bounds"]
+__all__ = ["Query", "build_query", "observed_tokens", "batched_observed_tokens", "to_z_checked", "IntervalQuery",
+           "interval_bounds"]
 
 
 def _check_token_site(layout: TokenLayout, name, argument: str, verb: str, excluded_sites=()) -> None:
@@ -100,7 +103,7 @@ def to_z_checked(layout: TokenLayout, transform, values: np.ndarray, condition_m
     """
     _check_coupled_sites(layout, transform, values, condition_mask)
     filled = np.where(condition_mask, values, _interior_fill(transform)).astype(np.float32)
-    z = np.asarray(jax.jit(transform.to_z)(filled))
+    z = np.asarray(transform.to_z_fn(filled))
     bad = condition_mask & ~np.isfinite(z)
     if bad.any():
         position = tuple(np.argwhere(bad)[0])
@@ -141,7 +144,7 @@ def _check_coupled_sites(layout: TokenLayout, transform, values: np.ndarray, con
 
 def _interior_fill(transform) -> np.ndarray:
     """A value inside every site's support (the constrained image of the z-space mean)."""
-    return np.asarray(jax.jit(transform.from_z)(np.zeros(transform.layout.num_tokens, np.float32)))
+    return np.asarray(transform.from_z_fn(np.zeros(transform.layout.num_tokens, np.float32)))
 
 
 def batched_observed_tokens(
@@ -170,8 +173,7 @@ def batched_observed_tokens(
     slices = layout.slices()
     arrays, batch_sizes = {}, {}
     for name, value in observed.items():
-        if name not in slices:
-            observed_tokens(layout, {name: value}, excluded_sites=excluded_sites)  # raises the unknown-site error
+        _check_token_site(layout, name, "observed", "observed", excluded_sites)
         site = layout.site(name)
         array = _as_float_array(name, value)
         if array.ndim == len(site.shape) + 1 and array.shape[1:] == site.shape:
@@ -222,6 +224,48 @@ class IntervalQuery(NamedTuple):
     z_lower: np.ndarray
     z_upper: np.ndarray
     interval_mask: np.ndarray
+
+    def z_bounds(self) -> IntervalBounds:
+        """The z-space bounds as the guided samplers take them."""
+        return IntervalBounds(jnp.asarray(self.z_lower), jnp.asarray(self.z_upper))
+
+
+class Query(NamedTuple):
+    """One validated query, converted to token space once.
+
+    Attributes:
+        values: float64 (num_observations, num_tokens), the observed values in the user's
+            space, NaN where latent (one row when the query is not a batch).
+        condition_mask: bool (num_observations, num_tokens), True where observed.
+        z_observed: float32 (num_observations, num_tokens), the observed values in z-space
+            (0 where latent).
+        batched: whether ``observed`` gave a batch of observations.
+        observed_names: the sites given in ``observed``.
+        intervals: the :class:`IntervalQuery`, or ``None``.
+    """
+
+    values: np.ndarray
+    condition_mask: np.ndarray
+    z_observed: np.ndarray
+    batched: bool
+    observed_names: list[str]
+    intervals: IntervalQuery | None
+
+
+def build_query(layout: TokenLayout, transform, observed: Mapping | None, intervals: Mapping | None = None, *,
+                excluded_sites=()) -> Query:
+    """Validate ``observed`` and ``intervals`` and convert them to token space (see :class:`Query`).
+
+    Raises:
+        TypeError, ValueError: as :func:`batched_observed_tokens`, :func:`interval_bounds`
+            and :func:`to_z_checked`, naming the site.
+    """
+    values, condition_mask, num_observations = batched_observed_tokens(layout, observed,
+                                                                       excluded_sites=excluded_sites)
+    bounds = interval_bounds(layout, transform, intervals, condition_mask, excluded_sites=excluded_sites)
+    z_observed = to_z_checked(layout, transform, values, condition_mask)
+    return Query(values, condition_mask, z_observed, num_observations is not None,
+                 [] if observed is None else list(observed), bounds)
 
 
 def _bound_array(name: str, side: str, bound, shape) -> np.ndarray:
@@ -332,13 +376,13 @@ def interval_bounds(
 def _bound_to_z(transform, bounds: np.ndarray) -> np.ndarray:
     """Finite bounds -> z-space (NaN outside the support, +-inf on its boundary); others filled."""
     filled = np.where(np.isfinite(bounds), bounds, _interior_fill(transform)).astype(np.float32)
-    return np.asarray(jax.jit(transform.to_z)(filled), dtype=np.float64)
+    return np.asarray(transform.to_z_fn(filled), dtype=np.float64)
 
 
 def _transform_increases(transform) -> np.ndarray:
     """bool (num_tokens,): whether each token's map z -> constrained value increases."""
     num_tokens = transform.layout.num_tokens
-    from_z = jax.jit(transform.from_z)
+    from_z = transform.from_z_fn
     low = np.asarray(from_z(np.full(num_tokens, -0.5, np.float32)))
     high = np.asarray(from_z(np.full(num_tokens, 0.5, np.float32)))
     return high >= low
@@ -346,7 +390,7 @@ def _transform_increases(transform) -> np.ndarray:
 
 def _check_bounds_in_support(site, transform, token_slice, labels, low, high):
     """A finite bound must lie in the closure of the site's support."""
-    from numpyro_simformer.sites import support_bounds
+    from numpyro_simformer.model.sites import support_bounds
 
     support_low, support_high = support_bounds(site.support)
     for side, bound in (("low", low), ("high", high)):

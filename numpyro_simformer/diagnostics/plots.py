@@ -22,7 +22,7 @@ def plot_history(history, ax: Axes | None = None, *, log_scale: bool = False) ->
     """Training and validation loss against the optimiser step, with the best step marked.
 
     Args:
-        history: a :class:`~numpyro_simformer.train.TrainingHistory` (``sf.history``).
+        history: a :class:`~numpyro_simformer.training.loop.TrainingHistory` (``sf.history``).
         ax: the Axes to draw on (default: a new figure).
         log_scale: a logarithmic loss axis.
 
@@ -89,7 +89,7 @@ def plot_coverage(calibration, ax: Axes | None = None, *, levels: Sequence[float
     import matplotlib.pyplot as plt
     from scipy import stats
 
-    from numpyro_simformer.diagnostics.calibration import coverage
+    from numpyro_simformer.diagnostics.calibration import coverage  # a sibling module, not the package
 
     result = coverage(calibration, levels)
     level = result["credibility_level"].values

@@ -21,8 +21,11 @@ and a draw the network puts outside the interval is mirrored back in
 
 from __future__ import annotations
 
+import abc
+
 import warnings
 from dataclasses import dataclass
+from functools import cached_property
 
 import jax
 import jax.numpy as jnp
@@ -30,10 +33,10 @@ import numpy as np
 from numpyro.distributions import constraints, transforms as numpyro_transforms
 from numpyro.distributions.transforms import biject_to
 
-from numpyro_simformer.layout import TokenLayout
-from numpyro_simformer.sites import SiteInfo, support_bounds
+from numpyro_simformer.tokens.layout import TokenLayout
+from numpyro_simformer.model.sites import SiteInfo, support_bounds
 
-__all__ = ["site_bijection", "SimplexLogRatio", "IntervalClip", "IntervalReflect", "INTERVAL_SITES", "base_transform", "couples_elements", "TokenTransform", "fit_token_transform"]
+__all__ = ["site_bijection", "SimplexLogRatio", "AbstractIntervalBijection", "IntervalClip", "IntervalReflect", "INTERVAL_SITES", "base_transform", "couples_elements", "TokenTransform", "fit_token_transform", "tokens_to_z"]
 
 
 class SimplexLogRatio(numpyro_transforms.Transform):
@@ -70,18 +73,19 @@ class SimplexLogRatio(numpyro_transforms.Transform):
         return isinstance(other, SimplexLogRatio)
 
 
-class IntervalClip(numpyro_transforms.Transform):
-    """R -> [lower, upper]: the identity, clipped to the interval (its inverse: the identity, NaN outside).
+class AbstractIntervalBijection(numpyro_transforms.Transform):
+    """R -> [lower, upper] for a site kept in its own coordinates; the identity inside.
 
-    The representation of an interval site under ``interval_sites="reject"``: the network
-    sees the site in its own coordinates, so a posterior cut off by a bound keeps a step at
-    a finite place instead of a tail running off to infinity in logit space. Draws outside
-    the interval are rejected before they get here, so the clip only removes rounding. For
-    an open interval it stops one float32 step (or a relative float32 epsilon) inside each
-    bound. The Jacobian is 1 (inside the interval).
+    The two representations of ``interval_sites="reject"`` and ``"reflect"`` differ only in
+    what they do with a value outside the interval (:meth:`__call__`) and in whether
+    :meth:`~numpyro_simformer.Simformer.sample` redraws such values first
+    (:attr:`rejects_outside`). The inverse is the identity inside and NaN outside (no
+    density there, as a logit gives); the Jacobian is 1 inside. For an open interval the
+    values stop one float32 step (or a relative float32 epsilon) inside each bound.
     """
 
     domain = constraints.real
+    rejects_outside: bool  # each final subclass sets it
 
     def __init__(self, lower, upper, open_bounds: bool = False):
         self.lower = np.asarray(lower, dtype=np.float32)
@@ -103,9 +107,13 @@ class IntervalClip(numpyro_transforms.Transform):
         upper = np.minimum(np.nextafter(self.upper, self.lower), self.upper - step)
         return lower.astype(np.float32), upper.astype(np.float32)
 
-    def __call__(self, x):
+    def _clip(self, x):
         lower, upper = self.clip_bounds()
         return jnp.clip(x, lower, upper)
+
+    @abc.abstractmethod
+    def __call__(self, x):
+        """Unconstrained (own coordinates, any real) -> inside the interval."""
 
     def _inverse(self, y):
         # NaN outside the interval, as a logit gives: such points have no density (-inf).
@@ -117,24 +125,35 @@ class IntervalClip(numpyro_transforms.Transform):
     def tree_flatten(self):
         return (), ((), {"lower": self.lower, "upper": self.upper, "open_bounds": self.open_bounds})
 
-    # Whether Simformer.sample redraws the values outside the interval (z_bounds).
-    rejects_outside = True
-
     def __eq__(self, other):
         return (type(other) is type(self) and self.open_bounds == other.open_bounds
                 and np.array_equal(self.lower, other.lower) and np.array_equal(self.upper, other.upper))
 
 
-class IntervalReflect(IntervalClip):
-    """R -> [lower, upper]: the identity inside, mirrored at the bounds outside (a fold).
+class IntervalClip(AbstractIntervalBijection):
+    """The identity, clipped to the interval: ``interval_sites="reject"``.
 
-    The representation of an interval site under ``interval_sites="reflect"``: trained in
-    its own coordinates like :class:`IntervalClip`, but a value the network puts beyond a
-    bound is mirrored back inside (``upper + d`` becomes ``upper - d``; repeated for values
-    more than a width away). Where the network blurs a density that is high at the bound,
-    the mass it spills over is the mass it misses just inside, and the mirror puts it back.
-    The map is not one-to-one, so there is no density to change variables with: log
-    densities with such a site latent raise.
+    The network sees the site in its own coordinates, so a posterior cut off by a bound
+    keeps a step at a finite place instead of a tail running off to infinity in logit
+    space. Draws outside the interval are rejected before they get here, so the clip only
+    removes rounding.
+    """
+
+    rejects_outside = True
+
+    def __call__(self, x):
+        return self._clip(x)
+
+
+class IntervalReflect(AbstractIntervalBijection):
+    """The identity inside, mirrored at the bounds outside (a fold): ``interval_sites="reflect"``.
+
+    Trained in its own coordinates like :class:`IntervalClip`, but a value the network puts
+    beyond a bound is mirrored back inside (``upper + d`` becomes ``upper - d``; repeated
+    for values more than a width away). Where the network blurs a density that is high at
+    the bound, the mass it spills over is the mass it misses just inside, and the mirror
+    puts it back. The map is not one-to-one, so there is no density to change variables
+    with: log densities with such a site latent raise.
     """
 
     rejects_outside = False
@@ -144,7 +163,7 @@ class IntervalReflect(IntervalClip):
         offset = jnp.mod(x - self.lower, 2.0 * width)
         folded = self.lower + jnp.where(offset > width, 2.0 * width - offset, offset)
         folded = jnp.where((x >= self.lower) & (x <= self.upper), x, folded)  # inside: exactly x
-        return super().__call__(folded)  # rounding, and an open interval's bounds
+        return self._clip(folded)  # rounding, and an open interval's bounds
 
 
 # How sites on a bounded interval are represented: "transform" (NumPyro's logit bijection),
@@ -211,7 +230,7 @@ def site_bijection(site: SiteInfo, support=None, interval_sites: str = "transfor
     return transform
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class TokenTransform:
     """Flat constrained tokens <-> z-scored unconstrained tokens.
 
@@ -252,6 +271,16 @@ class TokenTransform:
 
         return self._per_site(unconstrained, apply)
 
+    @cached_property
+    def to_z_fn(self):
+        """:meth:`to_z`, jitted once per transform: repeated queries compile nothing."""
+        return jax.jit(self.to_z)
+
+    @cached_property
+    def from_z_fn(self):
+        """:meth:`from_z`, jitted once per transform."""
+        return jax.jit(self.from_z)
+
     def to_z(self, tokens):
         """Constrained tokens -> z-space."""
         return (self.unconstrain(tokens) - self.mean) / self.std
@@ -267,13 +296,15 @@ class TokenTransform:
         float32 arrays (num_tokens,); ``-inf``/``inf`` for every other token. ``None`` when
         no site has one: there is nothing to reject.
         """
-        if not any(getattr(bijection, "rejects_outside", False) for bijection in self.bijections):
+        rejecting = [isinstance(bijection, AbstractIntervalBijection) and bijection.rejects_outside
+                     for bijection in self.bijections]
+        if not any(rejecting):
             return None
         lower = np.full(self.layout.num_tokens, -np.inf, np.float32)
         upper = np.full(self.layout.num_tokens, np.inf, np.float32)
         slices = self.layout.slices()
-        for site, bijection in zip(self.layout.sites, self.bijections):
-            if getattr(bijection, "rejects_outside", False):
+        for site, bijection, rejects in zip(self.layout.sites, self.bijections, rejecting):
+            if rejects:
                 low, high = bijection.clip_bounds()
                 lower[slices[site.name]] = np.ravel(np.broadcast_to(low, site.shape))
                 upper[slices[site.name]] = np.ravel(np.broadcast_to(high, site.shape))
@@ -299,46 +330,83 @@ class TokenTransform:
         return total
 
 
-def fit_token_transform(layout: TokenLayout, tokens: np.ndarray, supports=None, pool_nodes: bool = False,
-                        interval_sites: str = "transform") -> TokenTransform:
-    """Bijections for each site and z-scoring statistics from simulated constrained tokens.
+def tokens_to_z(layout: TokenLayout, tokens: np.ndarray, supports=None, pool_nodes: bool = False,
+                interval_sites: str = "transform", *, chunk_size: int = 65_536) -> tuple[TokenTransform, np.ndarray]:
+    """Fit the token transform to simulated tokens and turn them into z-space, in place.
+
+    The simulation table is never copied whole: the bijections run over chunks of
+    ``chunk_size`` rows and write back into ``tokens``, and the z-scoring follows in place,
+    so the host holds the table once and the device one chunk at a time.
 
     Args:
         layout: the token layout.
-        tokens: (num_simulations, num_tokens) constrained simulations, all finite.
+        tokens: float32 (num_simulations, num_tokens), C-contiguous, constrained, all
+            finite; overwritten with the z-scored unconstrained values.
         supports: optional per-site supports overriding those in the layout (used when a
             site's support depends on its parents and a constant fallback was chosen).
         pool_nodes: share one mean and std among the tokens of a node id (the elements of
             a variable-size dim, whose positions change between training and queries).
         interval_sites: ``"transform"``, ``"reflect"`` or ``"reject"``, see :func:`site_bijection`.
+        chunk_size: rows per jitted call.
+
+    Returns:
+        ``(transform, finite)``: the fitted :class:`TokenTransform`, and bool
+        (num_simulations,), False for rows on a support's boundary (infinite in
+        unconstrained space; left out of the statistics, and of training by the caller).
     """
+    if tokens.dtype != np.float32 or not tokens.flags.c_contiguous:
+        raise TypeError("`tokens` must be a C-contiguous float32 array: it is converted in place.")
     bijections = tuple(
         site_bijection(site, None if supports is None else supports[site.name], interval_sites)
         for site in layout.sites
     )
     transform = TokenTransform(layout, bijections, np.zeros(layout.num_tokens, np.float32),
                                np.ones(layout.num_tokens, np.float32))
-    unconstrained = np.asarray(jax.jit(transform.unconstrain)(jnp.asarray(tokens)))
-    finite = np.all(np.isfinite(unconstrained), axis=-1)
+    unconstrain = jax.jit(transform.unconstrain)
+    for start in range(0, tokens.shape[0], chunk_size):
+        rows = slice(start, start + chunk_size)
+        tokens[rows] = np.asarray(unconstrain(tokens[rows]))
+    finite = np.all(np.isfinite(tokens), axis=-1)
+    unconstrained = tokens
     if not finite.all():
-        bad = np.where(~np.all(np.isfinite(unconstrained), axis=0))[0]
+        bad = np.where(~np.all(np.isfinite(tokens), axis=0))[0]
         labels = [layout.labels[i] for i in bad[:5]]
         warnings.warn(
             f"{int((~finite).sum())} simulations lie on the boundary of their support in "
             f"unconstrained space (tokens {labels}); they are dropped from training and "
             "counted as invalid in `simulation_info`.",
-            stacklevel=2,
+            stacklevel=3,
         )
-        unconstrained = unconstrained[finite]
+        unconstrained = tokens[finite]
     if pool_nodes:
-        from numpyro_simformer.variable import pooled_statistics
+        from numpyro_simformer.model.variable import pooled_statistics
 
         node_mean, node_std = pooled_statistics(unconstrained, layout.node_ids)
-        return TokenTransform(layout, bijections, node_mean[layout.node_ids], node_std[layout.node_ids])
-    mean = unconstrained.mean(axis=0).astype(np.float32)
-    std = unconstrained.std(axis=0).astype(np.float32)
-    std = np.where(std > 1e-8, std, 1.0).astype(np.float32)
-    return TokenTransform(layout, bijections, mean, std)
+        mean, std = node_mean[layout.node_ids], node_std[layout.node_ids]
+    else:
+        mean = unconstrained.mean(axis=0).astype(np.float32)
+        std = unconstrained.std(axis=0).astype(np.float32)
+        std = np.where(std > 1e-8, std, 1.0).astype(np.float32)
+    del unconstrained
+    fitted = TokenTransform(layout, bijections, mean, std)
+    # z-scored by XLA as `to_z` does it (the statistics are constants of the program), so
+    # the training data are the same floats as `to_z` gives for the constrained tokens
+    z_score = jax.jit(lambda value: (value - fitted.mean) / fitted.std)
+    for start in range(0, tokens.shape[0], chunk_size):
+        rows = slice(start, start + chunk_size)
+        tokens[rows] = np.asarray(z_score(tokens[rows]))
+    return fitted, finite
+
+
+def fit_token_transform(layout: TokenLayout, tokens: np.ndarray, supports=None, pool_nodes: bool = False,
+                        interval_sites: str = "transform") -> TokenTransform:
+    """Bijections for each site and z-scoring statistics from simulated constrained tokens.
+
+    As :func:`tokens_to_z`, on a copy of ``tokens`` (num_simulations, num_tokens).
+    """
+    transform, _ = tokens_to_z(layout, np.array(tokens, dtype=np.float32, order="C"), supports, pool_nodes,
+                               interval_sites)
+    return transform
 
 
 def constant_support(site: SiteInfo, supports_seen: list) -> object:

@@ -6,7 +6,7 @@ random"): the joint (nothing observed), the posterior (all data observed), the l
 (all parameters observed), and Bernoulli masks. An all-observed draw becomes the joint,
 since it leaves nothing to learn.
 
-The attention masks derived from the model's graph live in :mod:`numpyro_simformer.graph`.
+The attention masks derived from the model's graph live in :mod:`numpyro_simformer.model.graph`.
 """
 
 from __future__ import annotations

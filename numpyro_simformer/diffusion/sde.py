@@ -11,15 +11,42 @@ Example:
 
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass
 
 import jax.numpy as jnp
 
-__all__ = ["VESDE", "VPSDE"]
+__all__ = ["AbstractSDE", "VESDE", "VPSDE"]
+
+
+class AbstractSDE(abc.ABC):
+    """A linear SDE ``dx = f(t) x dt + g(t) dW`` on t in [0, 1] with Gaussian marginals.
+
+    Subclasses are frozen dataclasses with a field ``t_min`` (where sampling stops) and
+    implement every method below.
+    """
+
+    t_min: float
+
+    @abc.abstractmethod
+    def marginal(self, t):
+        """``(alpha(t), sigma(t))`` of ``x_t = alpha(t) x_0 + sigma(t) eps``."""
+
+    @abc.abstractmethod
+    def drift_coefficient(self, t):
+        """``f(t)``."""
+
+    @abc.abstractmethod
+    def diffusion(self, t):
+        """``g(t)``."""
+
+    @abc.abstractmethod
+    def prior_std(self, data_std=1.0):
+        """Std of the marginal at t = 1 for data of std ``data_std``."""
 
 
 @dataclass(frozen=True)
-class VESDE:
+class VESDE(AbstractSDE):
     """Variance-exploding SDE: ``sigma(t) = sigma_min (sigma_max / sigma_min)^t``, alpha = 1.
 
     The notes' reference uses sigma_max = 15 on raw data; on z-scored data 5-10 trains
@@ -61,7 +88,7 @@ class VESDE:
 
 
 @dataclass(frozen=True)
-class VPSDE:
+class VPSDE(AbstractSDE):
     """Variance-preserving SDE with a linear ``beta(t)`` from ``beta_min`` to ``beta_max``."""
 
     beta_min: float = 0.01

@@ -1,0 +1,23 @@
+"""Tokens: the flat layout of a model's site elements and the transforms into z-space."""
+
+from numpyro_simformer.tokens.layout import TokenLayout
+from numpyro_simformer.tokens.transforms import (
+    AbstractIntervalBijection,
+    IntervalClip,
+    IntervalReflect,
+    SimplexLogRatio,
+    TokenTransform,
+    fit_token_transform,
+    site_bijection,
+)
+
+__all__ = [
+    "TokenLayout",
+    "TokenTransform",
+    "fit_token_transform",
+    "site_bijection",
+    "AbstractIntervalBijection",
+    "IntervalClip",
+    "IntervalReflect",
+    "SimplexLogRatio",
+]

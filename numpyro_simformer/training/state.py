@@ -1,0 +1,66 @@
+"""The fitted state of a Simformer: one immutable value.
+
+A :class:`FittedState` is everything a fitted Simformer knows: the :class:`ModelSpec` it
+was read into, the token transform fitted to the simulations, the network's graph
+definition, constants and trained parameters, the training history and the simulation
+record. :class:`~numpyro_simformer.Simformer` holds one as ``sf.state``; checkpoints write
+and read exactly this value; ensembles, diagnostics and benchmarks read it through its
+public attributes. Its pure functions (:attr:`FittedState.denoiser_fn`,
+:attr:`FittedState.score_fn`) are built once per state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+from numpyro_simformer.diffusion.score import build_score_fn
+from numpyro_simformer.model.simulate import SimulationInfo
+from numpyro_simformer.model.spec import ModelSpec
+from numpyro_simformer.nn import NetworkConfig, build_denoiser_fn
+from numpyro_simformer.tokens.transforms import TokenTransform
+from numpyro_simformer.training.loop import TrainingHistory
+
+__all__ = ["FittedState"]
+
+
+@dataclass(frozen=True, eq=False)
+class FittedState:
+    """What a fit produced; immutable.
+
+    Attributes:
+        spec: the :class:`~numpyro_simformer.model.spec.ModelSpec` of the model at the fit's arguments.
+        transform: the :class:`~numpyro_simformer.tokens.transforms.TokenTransform` (supports and z-scoring).
+        network: the :class:`~numpyro_simformer.nn.NetworkConfig` of the network.
+        sde: the diffusion the network was trained for.
+        graphdef, constants, params: the network split by ``nnx.split(network, nnx.Param, ...)``;
+            ``params`` are the trained (EMA) weights.
+        history: the :class:`~numpyro_simformer.training.loop.TrainingHistory`.
+        simulation_info: the :class:`~numpyro_simformer.model.simulate.SimulationInfo` of the training data.
+        simulation_time, training_time: seconds spent simulating and training.
+    """
+
+    spec: ModelSpec
+    transform: TokenTransform
+    network: NetworkConfig
+    sde: Any
+    graphdef: Any
+    constants: Any
+    params: Any
+    history: TrainingHistory
+    simulation_info: SimulationInfo
+    simulation_time: float = 0.0
+    training_time: float = 0.0
+
+    @cached_property
+    def denoiser_fn(self):
+        """Pure ``denoiser_fn(params, values, time, condition_mask, ...)`` over the spec's layout."""
+        layout = self.spec.layout
+        return build_denoiser_fn(self.graphdef, self.constants, layout.node_ids, layout.coordinates,
+                                 self.spec.attention_mask)
+
+    @cached_property
+    def score_fn(self):
+        """Pure ``score_fn(params, x_t, time, condition_mask) -> score`` in z-space."""
+        return build_score_fn(self.denoiser_fn, self.sde)
