@@ -40,7 +40,8 @@ from numpyro_simformer.simulate import SimulationInfo, filter_finite, simulate
 from numpyro_simformer.sites import is_factor, read_sites, trace_model
 from numpyro_simformer.train import TrainingConfig, train
 from numpyro_simformer.rejection import SUPPORT_STREAM, draws_in_support, inside_support
-from numpyro_simformer.transforms import INTERVAL_SITES, IntervalReflect, constant_support, fit_token_transform
+from numpyro_simformer.transforms import (INTERVAL_SITES, IntervalReflect, constant_support, fit_token_transform,
+                                          warn_extrapolation)
 
 __all__ = ["Simformer"]
 
@@ -660,6 +661,7 @@ class Simformer:
             z, drawn, inside = draws_in_support(draw, rng_key, num_samples, *z_bounds, ~np.asarray(condition_mask),
                                                 describe=lambda index: self._bounded_latent(query, condition_mask[index]))
             support = (drawn, inside)
+        warn_extrapolation(query.layout, z, condition_mask)
         tokens = np.asarray(jax.jit(query.transform.from_z)(z), dtype=np.float64)
         tokens = np.where(condition_mask, values, tokens)
         if num_observations is None:
