@@ -36,6 +36,7 @@ from numpyro_simformer.query import batched_observed_tokens, interval_bounds, ob
 from numpyro_simformer.samplers import EulerMaruyama, GuidedEulerMaruyama, build_score_fn
 from numpyro_simformer.samplers.guidance import GaussianIntervalGuidance, IntervalBounds, build_interval_score_fn
 from numpyro_simformer.sde import VESDE
+from numpyro_simformer.serialization import ensure_writable_directory
 from numpyro_simformer.simulate import SimulationInfo, filter_finite, simulate
 from numpyro_simformer.sites import is_factor, read_sites, trace_model
 from numpyro_simformer.train import TrainingConfig, train
@@ -306,6 +307,7 @@ class Simformer:
             ``self``, fitted.
         """
         check_rng_key(rng_key, "Simformer.fit")
+        ensure_writable_directory(self.training_config.checkpoint_dir, "TrainingConfig.checkpoint_dir")
         key_read, key_simulate, key_train = jax.random.split(rng_key, 3)
         self._read_model(key_read, model_args, model_kwargs, simulating=True)
         self._fit_draws(key_train, *self._simulate(key_simulate, model_args, model_kwargs))
@@ -333,6 +335,7 @@ class Simformer:
             *model_args, **model_kwargs: passed to the model (read for its sites and graph).
         """
         check_rng_key(rng_key, "Simformer.fit_simulations")
+        ensure_writable_directory(self.training_config.checkpoint_dir, "TrainingConfig.checkpoint_dir")
         key_read, key_train = jax.random.split(rng_key)
         self._read_model(key_read, model_args, model_kwargs)
         if not isinstance(simulations, Mapping):
