@@ -16,6 +16,8 @@ Example:
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 from dataclasses import replace
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -26,6 +28,7 @@ import xarray as xr
 from scipy.special import logsumexp
 
 from numpyro_simformer._checks import check_rng_key
+from numpyro_simformer.io.serialization import check_publish_target, ensure_writable_directory, publish_directory
 from numpyro_simformer.model.spec import read_model_spec
 from numpyro_simformer.simformer import Simformer
 
@@ -107,6 +110,8 @@ class SimformerEnsemble:
         check_rng_key(rng_key, "SimformerEnsemble.fit")
         key_read, key_simulate, _ = jax.random.split(rng_key, 3)
         first = self.members[0]
+        for member in self.members:  # before simulating: a folder that cannot take checkpoints is said now
+            ensure_writable_directory(member.training_config.checkpoint_dir, "TrainingConfig.checkpoint_dir")
         spec = read_model_spec(key_read, first.model, model_args, model_kwargs, first.model_options, simulating=True)
         simulations, _, self.simulation_time = first.simulate(key_simulate, spec)
         for index, member in enumerate(self.members):
@@ -165,15 +170,24 @@ class SimformerEnsemble:
         return logsumexp(np.stack(members), axis=0) - np.log(self.num_members)
 
     def save(self, path, *, overwrite: bool = False) -> Path:
-        """Write every member with :meth:`Simformer.save` under ``path/member_{k}``."""
+        """Write every member with :meth:`Simformer.save` under ``path/member_{k}``.
+
+        The whole ensemble is written next to ``path`` and renamed into place, as
+        :meth:`Simformer.save` does: of two saves racing to one new ``path``, one wins and
+        the other raises ``FileExistsError``.
+        """
         path = Path(path)
-        if path.exists() and not overwrite:
-            raise FileExistsError(f"{path} exists; pass `overwrite=True` to replace it.")
-        path.mkdir(parents=True, exist_ok=True)
-        for index, member in enumerate(self.members):
-            member.save(path / f"member_{index}", overwrite=overwrite)
-        (path / _RECORD).write_text(json.dumps({"num_members": self.num_members,
-                                                "simulation_time": self.simulation_time}))
+        check_publish_target(path, overwrite, _RECORD)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.saving-"))
+        try:
+            for index, member in enumerate(self.members):
+                member.save(staging / f"member_{index}")
+            (staging / _RECORD).write_text(json.dumps({"num_members": self.num_members,
+                                                       "simulation_time": self.simulation_time}))
+            publish_directory(staging, path, overwrite)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
         return path
 
     @classmethod

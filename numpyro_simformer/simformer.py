@@ -34,6 +34,7 @@ from numpyro_simformer.inference.density import ProbabilityFlowLogDensity, condi
 from numpyro_simformer.inference.driver import QuerySpace, draw_z
 from numpyro_simformer.inference.output import answer_tree, deterministic_sites
 from numpyro_simformer.io.checkpoint import read_checkpoint, save_simformer
+from numpyro_simformer.io.serialization import ensure_writable_directory
 from numpyro_simformer.inference.query import build_query, observed_tokens, to_z_checked
 from numpyro_simformer.inference.rejection import SUPPORT_STREAM, draws_in_support, inside_support
 from numpyro_simformer.model.simulate import SimulationInfo, filter_finite, simulate
@@ -42,7 +43,7 @@ from numpyro_simformer.nn import NetworkConfig
 from numpyro_simformer.samplers import EulerMaruyama, GuidedEulerMaruyama, ProbabilityFlowODE
 from numpyro_simformer.samplers.guidance import GaussianIntervalGuidance
 from numpyro_simformer.training.state import FittedState
-from numpyro_simformer.tokens.transforms import INTERVAL_SITES, IntervalReflect, TokenTransform
+from numpyro_simformer.tokens.transforms import INTERVAL_SITES, IntervalReflect, TokenTransform, warn_extrapolation
 from numpyro_simformer.training.fit import fit_state
 from numpyro_simformer.training.loop import TrainingConfig
 from numpyro_simformer.training.parallel import resolve_devices
@@ -62,8 +63,8 @@ class Simformer:
             are sites without children.
         num_simulations: joint draws used for training by :meth:`fit`.
         network: a :class:`~numpyro_simformer.nn.NetworkConfig`.
-        sde: the diffusion, :class:`~numpyro_simformer.sde.VESDE` (default) or ``VPSDE``.
-        training: a :class:`~numpyro_simformer.train.TrainingConfig`.
+        sde: the diffusion, :class:`~numpyro_simformer.diffusion.sde.VESDE` (default) or ``VPSDE``.
+        training: a :class:`~numpyro_simformer.TrainingConfig`.
         sampler: the default sampler of :meth:`sample`.
         condition_masks: the training mixture over condition masks.
         attention: ``"undirected"`` (default: the moral graph of the model's element-level
@@ -231,6 +232,7 @@ class Simformer:
             ``self``, fitted.
         """
         check_rng_key(rng_key, "Simformer.fit")
+        ensure_writable_directory(self.training_config.checkpoint_dir, "TrainingConfig.checkpoint_dir")
         key_read, key_simulate, key_train = jax.random.split(rng_key, 3)
         spec = read_model_spec(key_read, self.model, model_args, model_kwargs, self.model_options, simulating=True)
         draws, info, seconds = self.simulate(key_simulate, spec)
@@ -266,6 +268,7 @@ class Simformer:
                 model is then not read again.
         """
         check_rng_key(rng_key, "Simformer.fit_simulations")
+        ensure_writable_directory(self.training_config.checkpoint_dir, "TrainingConfig.checkpoint_dir")
         key_read, key_train = jax.random.split(rng_key)
         if spec is None:
             spec = read_model_spec(key_read, self.model, model_args, model_kwargs, self.model_options)
@@ -459,6 +462,7 @@ class Simformer:
             z, drawn, inside = draws_in_support(draw, rng_key, num_samples, *z_bounds, ~query.condition_mask,
                                                 describe=lambda index: _bounded_latent(space, query.condition_mask[index]))
             support = (drawn, inside)
+        warn_extrapolation(space.layout, z, query.condition_mask)
         tokens = np.asarray(space.transform.from_z_fn(z), dtype=np.float64)
         tokens = np.where(query.condition_mask, query.values, tokens)
         values = query.values
@@ -490,7 +494,7 @@ class Simformer:
         """Log density of any conditional, ``log p(values | observed)``, in the user's space.
 
         Integrates the probability-flow ODE with its divergence and adds the Jacobians of the
-        unconstrained transform and the z-scoring (:mod:`numpyro_simformer.density`).
+        unconstrained transform and the z-scoring (:mod:`numpyro_simformer.inference.density`).
 
         Args:
             values: ``{site: array (num_points, *site shape)}`` for every site with an
@@ -499,7 +503,7 @@ class Simformer:
             rng_key: needed for Hutchinson's estimator (more latent tokens than
                 ``density.exact_trace_max_dim``) and, under ``interval_sites="reject"``,
                 for the share of the network's mass inside the support.
-            density: a :class:`~numpyro_simformer.density.ProbabilityFlowLogDensity`.
+            density: a :class:`~numpyro_simformer.inference.density.ProbabilityFlowLogDensity`.
             batch_size: points per jitted call.
             model_kwargs: the model's keyword arguments for this query, as in :meth:`sample`.
             support_draws: under ``interval_sites="reject"`` with a bounded site latent,

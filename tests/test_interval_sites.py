@@ -27,7 +27,7 @@ from numpyro_simformer import NetworkConfig, Simformer, TrainingConfig
 from numpyro_simformer.tokens.layout import TokenLayout
 from numpyro_simformer.inference.rejection import SUPPORT_STREAM, draws_in_support
 from numpyro_simformer.model.sites import SiteInfo
-from numpyro_simformer.tokens.transforms import IntervalClip, IntervalReflect, fit_token_transform, site_bijection
+from numpyro_simformer.tokens.transforms import DiscreteRound, IntervalClip, IntervalReflect, fit_token_transform, site_bijection
 
 
 def _site(name, distribution, shape=()):
@@ -64,8 +64,8 @@ def test_which_sites_are_kept_in_their_own_coordinates():
     assert not isinstance(half, IntervalClip) and isinstance(half, numpyro_transforms.ExpTransform)
     assert isinstance(site_bijection(_site("e", dist.Normal()), interval_sites="reject"),
                       numpyro_transforms.IdentityTransform)
-    assert isinstance(site_bijection(_site("f", dist.Binomial(10, 0.5)), interval_sites="reject"),
-                      numpyro_transforms.IdentityTransform)
+    discrete = site_bijection(_site("f", dist.Binomial(10, 0.5)), interval_sites="reject")
+    assert isinstance(discrete, DiscreteRound) and not isinstance(discrete, IntervalClip)  # rounds into 0..10
     # The default is NumPyro's logit-scale bijection.
     assert not isinstance(site_bijection(uniform), IntervalClip)
     with pytest.raises(ValueError, match="interval_sites"):

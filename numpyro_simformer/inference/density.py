@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from numpyro_simformer.tokens.layout import TokenLayout
-from numpyro_simformer.tokens.transforms import base_transform, couples_elements
+from numpyro_simformer.tokens.transforms import base_transform, couples_elements, outside_discrete_support
 from numpyro_simformer.samplers.ode import probability_flow_drift
 
 __all__ = [
@@ -206,6 +206,7 @@ class ProbabilityFlowLogDensity:
                 return probability_flow_drift(score_fn, sde, params, jnp.where(mask, observed, y), time, mask)
 
             dy, jvp_fn = jax.linearize(drift, y)
+            probes = probes.astype(y.dtype)  # float64 state under jax_enable_x64, float32 probes
             quadratic = jax.vmap(lambda v: jnp.sum(v * jvp_fn(v), axis=-1))(probes)
             return dy, probe_scale * jnp.sum(quadratic, axis=0)
 
@@ -276,7 +277,7 @@ def points_to_tokens(layout: TokenLayout, values: Mapping, observed_values: np.n
                 f"leading axis of points (for one point: value[None])."
             )
         num_points[name] = array.shape[0]
-        arrays[name] = array.reshape(array.shape[0], -1)
+        arrays[name] = array.reshape(array.shape[0], site.size)  # -1 fails for zero points
     if len(set(num_points.values())) > 1:
         raise ValueError(f"The sites of `values` have different numbers of points: {num_points}.")
     count = next(iter(num_points.values()))
@@ -309,7 +310,8 @@ def conditional_log_prob(rng_key, log_prob_fn, params, transform, tokens, condit
         batch_size: points per call.
 
     Returns:
-        float64 (num_points,); ``-inf`` where a point lies outside its sites' support.
+        float64 (num_points,); ``-inf`` where a point lies outside its sites' support (for a
+        discrete site: is no integer of it); empty for zero points.
     """
     condition_mask = np.asarray(condition_mask, dtype=bool)
     num_latent = int((~condition_mask).sum())
@@ -319,8 +321,10 @@ def conditional_log_prob(rng_key, log_prob_fn, params, transform, tokens, condit
             f"{exact_trace_max_dim}, so the divergence uses Hutchinson's random estimator: pass "
             "`rng_key`, or raise `exact_trace_max_dim` for the exact trace."
         )
+    if len(tokens) == 0:
+        return np.zeros(0, dtype=np.float64)
     z = np.asarray(transform.to_z_fn(np.asarray(tokens, dtype=np.float32)))
-    inside = np.all(np.isfinite(z), axis=-1)
+    inside = np.all(np.isfinite(z), axis=-1) & ~outside_discrete_support(transform, tokens).any(axis=-1)
     z = np.where(np.isfinite(z), z, 0.0).astype(np.float32)  # placeholders; those points return -inf
     num_points = z.shape[0]
     chunk = min(batch_size, num_points)

@@ -15,7 +15,7 @@ import numpy as np
 
 from numpyro_simformer.samplers.guidance import IntervalBounds
 from numpyro_simformer.tokens.layout import TokenLayout
-from numpyro_simformer.tokens.transforms import couples_elements
+from numpyro_simformer.tokens.transforms import couples_elements, outside_discrete_support
 
 __all__ = ["Query", "build_query", "observed_tokens", "batched_observed_tokens", "to_z_checked", "IntervalQuery",
            "interval_bounds"]
@@ -98,13 +98,14 @@ def to_z_checked(layout: TokenLayout, transform, values: np.ndarray, condition_m
     ``values`` and ``condition_mask`` are (num_tokens,) or (num_observations, num_tokens).
 
     Raises:
-        ValueError: an observed value lies outside its site's support, or a site whose
+        ValueError: an observed value lies outside its site's support (for a discrete site:
+            is no integer of it), or a site whose
             support couples its elements (a simplex, an ordered vector) is partly observed.
     """
     _check_coupled_sites(layout, transform, values, condition_mask)
     filled = np.where(condition_mask, values, _interior_fill(transform)).astype(np.float32)
     z = np.asarray(transform.to_z_fn(filled))
-    bad = condition_mask & ~np.isfinite(z)
+    bad = condition_mask & (~np.isfinite(z) | outside_discrete_support(transform, values))
     if bad.any():
         position = tuple(np.argwhere(bad)[0])
         index = int(position[-1])

@@ -29,7 +29,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import pathlib
 import shutil
 import tempfile
@@ -53,6 +52,8 @@ from numpyro_simformer.io.serialization import (
     FORMAT_VERSION,
     CheckpointError,
     ModelMismatchError,
+    check_publish_target,
+    publish_directory,
     decode_array,
     decode_bool_matrix,
     decode_named_tuple,
@@ -133,7 +134,9 @@ def save_simformer(sf, path, *, overwrite: bool = False) -> pathlib.Path:
     """Write a fitted Simformer to the directory ``path`` (see the module docstring).
 
     The checkpoint is written next to ``path`` and renamed into place, so an interrupted
-    save never leaves a half-written checkpoint under ``path``.
+    save never leaves a half-written checkpoint under ``path``; of two saves racing to one
+    new ``path`` without ``overwrite``, one succeeds and the other raises
+    ``FileExistsError`` (:func:`~numpyro_simformer.io.serialization.publish_directory`).
 
     Args:
         sf: a fitted :class:`~numpyro_simformer.Simformer`.
@@ -142,12 +145,13 @@ def save_simformer(sf, path, *, overwrite: bool = False) -> pathlib.Path:
 
     Returns:
         The path of the checkpoint directory.
+
+    Raises:
+        FileExistsError: ``path`` exists (or appears meanwhile) and not ``overwrite``; it
+            is a file; or it is a non-empty directory that is not a checkpoint.
     """
     path = pathlib.Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; pass `overwrite=True` to replace it, or choose another path.")
-    if path.exists() and not (path / _METADATA_FILE).exists() and any(path.iterdir()):
-        raise FileExistsError(f"{path} is a non-empty directory that is not a checkpoint; refusing to replace it.")
+    check_publish_target(path, overwrite, _METADATA_FILE)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = sf.state
     spec = state.spec
@@ -185,13 +189,7 @@ def save_simformer(sf, path, *, overwrite: bool = False) -> pathlib.Path:
     try:
         record["arrays"] = save_arrays(staging / _ARRAYS_DIR, {"params": state.params, "constants": state.constants})
         write_json(staging / _METADATA_FILE, record)
-        if path.exists():
-            retired = pathlib.Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old-"))
-            os.replace(path, retired / "checkpoint")
-            os.replace(staging, path)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.replace(staging, path)
+        publish_directory(staging, path, overwrite)
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)

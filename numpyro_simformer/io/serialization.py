@@ -16,8 +16,11 @@ import hashlib
 import importlib
 import json
 import os
+import errno
 import pathlib
+import shutil
 import tempfile
+import uuid
 from typing import Any, Mapping
 
 import jax
@@ -44,6 +47,9 @@ __all__ = [
     "read_json",
     "write_json",
     "record_header",
+    "check_publish_target",
+    "publish_directory",
+    "ensure_writable_directory",
 ]
 
 FORMAT_NAME = "numpyro_simformer.checkpoint"  # a name in the files, not a module path: never changes
@@ -237,6 +243,7 @@ def save_arrays(directory: pathlib.Path, trees: Mapping[str, Any]) -> dict:
         checkpointer.save(directory.absolute(), payload)
         checkpointer.wait_until_finished()
     return {
+        "files": _file_digests(directory),
         "groups": {
             name: {
                 "paths": [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(trees[name])[0]],
@@ -247,6 +254,41 @@ def save_arrays(directory: pathlib.Path, trees: Mapping[str, Any]) -> dict:
         },
         "sha256": _digest(groups),
     }
+
+
+def _file_digests(directory: pathlib.Path) -> dict:
+    """``{relative path: {"size", "sha256"}}`` of every file under ``directory``."""
+    digests = {}
+    for file in sorted(directory.rglob("*")):
+        if file.is_file():
+            digests[file.relative_to(directory).as_posix()] = {
+                "size": file.stat().st_size, "sha256": hashlib.sha256(file.read_bytes()).hexdigest()}
+    return digests
+
+
+def _check_files(directory: pathlib.Path, recorded: dict | None, where: str) -> None:
+    """Compare the files Orbax wrote with their recorded sizes and digests.
+
+    A damaged file is found here, before Orbax reads it: Orbax reports a failed read
+    correctly, but its reads still pending then print dozens of "Event loop is closed"
+    tracebacks. Checkpoints written before files were recorded (``None``) are not checked.
+    """
+    if recorded is None:
+        return
+    for name, expected in recorded.items():
+        file = directory / name
+        if not file.is_file():
+            raise CheckpointError(f"{where}: the weights file {name} is missing from {directory}; the checkpoint "
+                                  "is truncated or damaged. Save it again.")
+        size = file.stat().st_size
+        if size != expected["size"]:
+            raise CheckpointError(f"{where}: the weights file {name} in {directory} has {size} bytes where "
+                                  f"{expected['size']} were written; the checkpoint is truncated or damaged. "
+                                  "Save it again.")
+        if hashlib.sha256(file.read_bytes()).hexdigest() != expected["sha256"]:
+            raise CheckpointError(f"{where}: the weights file {name} in {directory} does not match the digest "
+                                  "recorded when it was saved; the files were altered or damaged. Save the "
+                                  "checkpoint again.")
 
 
 def restore_arrays(directory: pathlib.Path, templates: Mapping[str, Any], record: dict, where: str) -> dict:
@@ -282,6 +324,7 @@ def restore_arrays(directory: pathlib.Path, templates: Mapping[str, Any], record
         }
     if not directory.is_dir():
         raise CheckpointError(f"{where}: the weights folder {directory} is missing; this is not a complete checkpoint.")
+    _check_files(directory, record.get("files"), where)  # before Orbax: it reports damage noisily
     try:
         with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as checkpointer:
             restored = checkpointer.restore(directory.absolute(), args=ocp.args.StandardRestore(abstract))
@@ -342,3 +385,100 @@ def record_header() -> dict:
         "library_version": __version__,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+# ---------------------------------------------------------------------------- publishing
+def check_publish_target(path: pathlib.Path, overwrite: bool, marker: str) -> None:
+    """Refuse early a ``path`` that :func:`publish_directory` would refuse or must not replace.
+
+    Args:
+        path: where a checkpoint directory is to appear.
+        overwrite: whether an existing checkpoint there may be replaced.
+        marker: a file name that every checkpoint of this kind holds (``simformer.json``).
+
+    Raises:
+        FileExistsError: ``path`` (or a folder above it) is a file; ``path`` exists and
+            ``overwrite`` is false; or it is a non-empty directory without ``marker``.
+    """
+    for folder in (path, *path.parents):
+        if folder.exists() and not folder.is_dir():
+            where = "" if folder == path else f" (a folder above {path})"
+            raise FileExistsError(
+                f"{folder} is a file{where}, not a directory: a checkpoint is a directory. Choose another path, "
+                "or remove the file."
+            )
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass `overwrite=True` to replace it, or choose another path.")
+    if path.exists() and not (path / marker).exists() and any(path.iterdir()):
+        raise FileExistsError(f"{path} is a non-empty directory that is not a checkpoint; refusing to replace it.")
+
+
+def publish_directory(staging: pathlib.Path, path: pathlib.Path, overwrite: bool) -> None:
+    """Move the finished directory ``staging`` to ``path`` in one rename; safe between processes.
+
+    ``os.rename`` of a directory onto an existing non-empty directory fails (POSIX and
+    Windows), so of two saves racing to one new ``path`` exactly one wins and the other
+    raises; nothing is replaced unless ``overwrite``. With ``overwrite``, an existing
+    ``path`` is first renamed aside and deleted after the new one is in place, so ``path``
+    always holds one complete checkpoint (of the last save to publish).
+
+    Args:
+        staging: a complete directory on the same file system as ``path``.
+        path: the destination.
+        overwrite: replace what is at ``path``.
+
+    Raises:
+        FileExistsError: ``path`` exists (another save got there first) and not ``overwrite``.
+    """
+    retired = []
+    try:
+        for _ in range(100):  # each pass loses only to a save that publishes meanwhile
+            try:
+                os.rename(staging, path)
+                return
+            except OSError as error:
+                taken = error.errno in (errno.EEXIST, errno.ENOTEMPTY) or isinstance(error, FileExistsError)
+                if not taken:
+                    raise
+                if not overwrite:
+                    raise FileExistsError(
+                        f"{path} was written by another save while this one was running; pass `overwrite=True` to "
+                        "replace it, or choose another path."
+                    ) from None
+            aside = path.parent / f".{path.name}.old-{uuid.uuid4().hex}"
+            try:
+                os.rename(path, aside)
+                retired.append(aside)
+            except FileNotFoundError:  # another save moved it aside first
+                pass
+        raise RuntimeError(f"Could not publish {path}: other saves kept replacing it.")
+    finally:
+        for aside in retired:
+            shutil.rmtree(aside, ignore_errors=True)
+
+
+def ensure_writable_directory(path, argument: str) -> None:
+    """Create the folder ``path`` and prove it writable (write and remove a probe file).
+
+    Called before a fit starts, so that a folder that cannot take checkpoints is said at
+    once and not after the simulations and the first training steps. ``None``: nothing.
+
+    Raises:
+        OSError: ``path`` cannot be created or written: ``PermissionError`` for a read-only
+            folder, ``NotADirectoryError`` below a file, ...; the message names ``argument``.
+    """
+    if path is None:
+        return
+    path = pathlib.Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        handle, probe = tempfile.mkstemp(dir=path, prefix=".write-probe-")
+        os.close(handle)
+        os.remove(probe)
+    except OSError as error:
+        kind = type(error) if type(error) is not OSError else PermissionError
+        raise kind(
+            error.errno,
+            f"{argument}={str(path)!r} cannot be written ({error.strerror or error}). Training checkpoints go "
+            "there: choose a folder you can write, or set it to None.",
+        ) from None

@@ -17,7 +17,7 @@ import numpyro
 from numpyro import handlers
 from numpyro.distributions import constraints
 
-__all__ = ["SiteInfo", "trace_model", "read_sites", "site_dims"]
+__all__ = ["SiteInfo", "trace_model", "read_sites", "site_dims", "refuse_unsupported_sites", "discrete_support_bounds"]
 
 
 @dataclass(frozen=True)
@@ -51,10 +51,15 @@ def trace_model(rng_key, model: Callable, model_args: tuple, model_kwargs: dict)
 
     Distribution argument validation is off, as it is under ``jit`` during simulation: a
     simulator that sometimes yields NaN is read, and its bad draws are counted later.
+
+    Raises:
+        RuntimeError: the model raised (re-raised with what to check).
+        ValueError: the model uses a feature a Simformer cannot honour
+            (:func:`refuse_unsupported_sites`).
     """
     try:
         with numpyro.validation_enabled(False):
-            return handlers.trace(handlers.seed(model, rng_key)).get_trace(*model_args, **model_kwargs)
+            trace = handlers.trace(handlers.seed(model, rng_key)).get_trace(*model_args, **model_kwargs)
     except Exception as error:  # noqa: BLE001 - the user's model can raise anything
         raise RuntimeError(
             f"Tracing the model {getattr(model, '__name__', model)!r} failed with "
@@ -62,6 +67,37 @@ def trace_model(rng_key, model: Callable, model_args: tuple, model_kwargs: dict)
             "`model(*model_args, **model_kwargs)`; pass its arguments to `fit` the way "
             "you would to `numpyro.infer.MCMC.run`."
         ) from error
+    refuse_unsupported_sites(trace)
+    return trace
+
+
+def refuse_unsupported_sites(trace: dict) -> None:
+    """Raise for model features whose meaning a Simformer cannot keep: subsampled plates, params.
+
+    A plate with ``subsample_size`` smaller than its size draws a random subset of its
+    elements on every run: simulations then hold different elements in the same token
+    positions, and the answers mix them up. A ``numpyro.param`` site is an optimisable
+    constant: simulation would freeze it at its initial value, silently.
+
+    Raises:
+        ValueError: naming the plate or site, why, and what to write instead.
+    """
+    for name, site in trace.items():
+        if site["type"] == "plate":
+            size, subsample_size = site["args"][:2]
+            if subsample_size is not None and subsample_size != size:
+                raise ValueError(
+                    f"The model subsamples plate {name!r} (size {size}, subsample_size={subsample_size}). "
+                    "Each run would draw another random subset of its elements into the same tokens, so the "
+                    "Simformer would learn a mixture of different elements and its answers would mean nothing. "
+                    f"Use the full plate: `numpyro.plate({name!r}, {size})` without `subsample_size`."
+                )
+        elif site["type"] == "param":
+            raise ValueError(
+                f"The model has a `numpyro.param` site {name!r}. Simulation would use its initial value as a "
+                "fixed constant, and nothing would learn it. Make it a sample site with a prior "
+                f"(`numpyro.sample({name!r}, ...)`) to infer it, or pass its value as a model argument."
+            )
 
 
 def is_factor(site: dict) -> bool:
@@ -146,6 +182,26 @@ def support_bounds(support) -> tuple[np.ndarray | None, np.ndarray | None]:
     upper = getattr(support, "upper_bound", None)
     as_array = lambda bound: None if bound is None else np.asarray(jax.device_get(bound))
     return as_array(lower), as_array(upper)
+
+
+def discrete_support_bounds(support) -> tuple[np.ndarray, np.ndarray]:
+    """``(lower, upper)`` of a discrete support as float arrays, ``-inf``/``inf`` where unbounded.
+
+    Every discrete support NumPyro has: ``boolean`` (0, 1), ``integer_interval(a, b)``,
+    ``integer_greater_than(a)`` with ``nonnegative_integer`` and ``positive_integer``, and
+    ``multinomial(n)`` (0, n per element; its sum is not enforced). Wrappers such as
+    ``independent`` are looked through; a support that only says ``is_discrete`` (a custom
+    ``integer`` constraint) gives the bounds it declares, else none. A continuous support
+    (the ``real`` fallback of a site whose bounds vary between simulations) has none.
+    """
+    base = getattr(support, "base_constraint", support)
+    if isinstance(base, type(constraints.boolean)):
+        return np.zeros(()), np.ones(())
+    lower, upper = support_bounds(support)
+    if isinstance(base, constraints._Multinomial):
+        lower = np.zeros(())
+    as_float = lambda bound, fill: np.full((), fill) if bound is None else np.asarray(bound, dtype=np.float64)
+    return as_float(lower, -np.inf), as_float(upper, np.inf)
 
 
 def is_real_support(support) -> bool:

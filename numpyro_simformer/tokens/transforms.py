@@ -6,7 +6,7 @@ is z-scored with the mean and standard deviation of the training simulations. Sa
 back through both maps, so every returned value lies in its site's support.
 
 Discrete sites (Poisson counts, Bernoulli outcomes) are modelled as real numbers and are
-rounded (and clipped to their bounds) on the way out.
+rounded and clipped to their support on the way out (:class:`DiscreteRound`).
 
 A simplex site (``Dirichlet``) keeps one token per element through its centred log-ratio
 (:class:`SimplexLogRatio`): ``K`` tokens that sum to zero, mapped back by a softmax, which
@@ -34,9 +34,11 @@ from numpyro.distributions import constraints, transforms as numpyro_transforms
 from numpyro.distributions.transforms import biject_to
 
 from numpyro_simformer.tokens.layout import TokenLayout
-from numpyro_simformer.model.sites import SiteInfo, support_bounds
+from numpyro_simformer.model.sites import SiteInfo, discrete_support_bounds, support_bounds
 
-__all__ = ["site_bijection", "SimplexLogRatio", "AbstractIntervalBijection", "IntervalClip", "IntervalReflect", "INTERVAL_SITES", "base_transform", "couples_elements", "TokenTransform", "fit_token_transform", "tokens_to_z"]
+__all__ = ["site_bijection", "DiscreteRound", "outside_discrete_support", "warn_extrapolation", "SimplexLogRatio",
+           "AbstractIntervalBijection", "IntervalClip", "IntervalReflect", "INTERVAL_SITES", "base_transform",
+           "couples_elements", "TokenTransform", "fit_token_transform", "tokens_to_z"]
 
 
 class SimplexLogRatio(numpyro_transforms.Transform):
@@ -71,6 +73,46 @@ class SimplexLogRatio(numpyro_transforms.Transform):
 
     def __eq__(self, other):
         return isinstance(other, SimplexLogRatio)
+
+
+class DiscreteRound(numpyro_transforms.Transform):
+    """R -> a discrete support: round to the nearest integer, clip to ``[lower, upper]``.
+
+    The representation of a discrete site: the network treats it as real, and every value
+    it produces is turned into a member of the support (``{0, 1}`` for a Bernoulli, ``0, 1,
+    ...`` for a Poisson). Its inverse is the identity (integer values map to themselves);
+    :func:`outside_discrete_support` says which values are not members. There is no
+    Jacobian: a discrete site contributes nothing to a log density's change of variables.
+    """
+
+    domain = constraints.real
+    codomain = constraints.real
+
+    def __init__(self, lower, upper):
+        self.lower = np.asarray(lower, dtype=np.float32)
+        self.upper = np.asarray(upper, dtype=np.float32)
+
+    def __call__(self, x):
+        return jnp.clip(jnp.round(x), self.lower, self.upper)
+
+    def _inverse(self, y):
+        return y
+
+    def outside(self, y: np.ndarray) -> np.ndarray:
+        """bool, elementwise: ``y`` is not an integer within the bounds (NaN counts as inside)."""
+        y = np.asarray(y, dtype=np.float64)
+        with np.errstate(invalid="ignore"):
+            return ~np.isnan(y) & ((y != np.round(y)) | (y < self.lower) | (y > self.upper))
+
+    def log_abs_det_jacobian(self, x, y, intermediates=None):
+        return jnp.zeros(jnp.shape(x))
+
+    def tree_flatten(self):
+        return (), ((), {"lower": self.lower, "upper": self.upper})
+
+    def __eq__(self, other):
+        return (type(other) is type(self) and np.array_equal(self.lower, other.lower)
+                and np.array_equal(self.upper, other.upper))
 
 
 class AbstractIntervalBijection(numpyro_transforms.Transform):
@@ -199,7 +241,8 @@ def site_bijection(site: SiteInfo, support=None, interval_sites: str = "transfor
     if interval_sites not in INTERVAL_SITES:
         raise ValueError(f"`interval_sites` must be one of {INTERVAL_SITES}, got {interval_sites!r}.")
     if site.is_discrete:
-        return numpyro_transforms.IdentityTransform()
+        lower, upper = discrete_support_bounds(support)
+        return DiscreteRound(np.broadcast_to(lower, site.shape), np.broadcast_to(upper, site.shape))
     base_support = getattr(support, "base_constraint", support)
     if interval_sites != "transform" and isinstance(base_support, constraints._Interval):
         lower, upper = support_bounds(support)
@@ -260,16 +303,7 @@ class TokenTransform:
 
     def constrain(self, unconstrained):
         """Unconstrained (..., num_tokens) -> constrained; discrete sites rounded and clipped."""
-
-        def apply(bijection, value, site):
-            value = bijection(value)
-            if site.is_discrete:
-                lower, upper = support_bounds(site.support)
-                value = jnp.round(value)
-                value = jnp.clip(value, lower, upper)
-            return value
-
-        return self._per_site(unconstrained, apply)
+        return self._per_site(unconstrained, lambda bijection, value, site: bijection(value))
 
     @cached_property
     def to_z_fn(self):
@@ -328,6 +362,59 @@ class TokenTransform:
             log_det = bijection.log_abs_det_jacobian(value, bijection(value))
             total = total + jnp.sum(log_det.reshape(batch_shape + (-1,)), axis=-1)
         return total
+
+
+def outside_discrete_support(transform: TokenTransform, tokens) -> np.ndarray:
+    """bool (..., num_tokens): True where a discrete site's token is no member of its support.
+
+    ``tokens`` are constrained (..., num_tokens); NaN (latent) tokens and continuous sites
+    count as inside (a continuous site's support is checked through its bijection, whose
+    inverse gives NaN outside).
+    """
+    tokens = np.asarray(tokens, dtype=np.float64)
+    outside = np.zeros(tokens.shape, dtype=bool)
+    slices = transform.layout.slices()
+    for site, bijection in zip(transform.layout.sites, transform.bijections):
+        if isinstance(bijection, DiscreteRound):
+            values = tokens[..., slices[site.name]]
+            outside[..., slices[site.name]] = bijection.outside(
+                values.reshape(values.shape[:-1] + site.shape)).reshape(values.shape)
+    return outside
+
+
+# z-values beyond this many training standard deviations count as extrapolation: the
+# training simulations of a Gaussian-like token reach it with probability 2e-9 each, so
+# the network has seen essentially none there.
+EXTRAPOLATION_Z = 6.0
+
+
+def warn_extrapolation(layout: TokenLayout, z, condition_mask, *, threshold: float = EXTRAPOLATION_Z,
+                       stacklevel: int = 3) -> None:
+    """Warn, naming the sites, when latent draws lie far outside the training simulations.
+
+    ``z`` (..., num_tokens) is in z-space, where the training simulations have mean 0 and
+    standard deviation 1 per token; ``condition_mask`` broadcasts to it. A draw with a
+    latent token beyond ``threshold`` is an extrapolation of the network, not an answer it
+    learned (a short fit can put a HalfNormal posterior in the thousands).
+    """
+    z = np.asarray(z)
+    far = (np.abs(z) > threshold) & ~np.broadcast_to(np.asarray(condition_mask, dtype=bool), z.shape)
+    if not far.any():
+        return
+    draws = far.reshape(-1, layout.num_tokens)
+    slices = layout.slices()
+    parts = []
+    for site in layout.sites:
+        share = float(np.mean(draws[:, slices[site.name]].any(axis=-1)))
+        if share > 0:
+            parts.append(f"{site.name!r} ({share:.1%} of draws)")
+    warnings.warn(
+        f"Draws of {', '.join(parts)} lie more than {threshold:g} standard deviations of the training "
+        f"simulations away from their mean (up to {float(np.max(np.abs(z[far]))):.3g}): the network is "
+        "extrapolating there, and those values are not to be trusted. Check that the observation is one the "
+        "model can produce, or train longer / on more simulations.",
+        stacklevel=stacklevel,
+    )
 
 
 def tokens_to_z(layout: TokenLayout, tokens: np.ndarray, supports=None, pool_nodes: bool = False,

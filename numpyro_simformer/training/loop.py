@@ -10,6 +10,7 @@ progress bar and records the loss history.
 from __future__ import annotations
 
 import time as _time
+import warnings
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -450,6 +451,9 @@ def train(rng_key, example_losses_fn, params, data, data_mask, config: TrainingC
             config.checkpoint_dir, run_fingerprint(rng_key, data, data_mask, config, mask_distribution, checkpoint_tag)
         )
         loop = checkpointer.restore(loop)
+        if loop.calls_done or loop.finished:  # a fit that looks fresh but is not should say so
+            warnings.warn(f"Resuming training from step {int(loop.train_state.step)} (of max_steps={config.max_steps}) "
+                          f"from the checkpoint in {str(config.checkpoint_dir)!r}.", stacklevel=4)
     checkpoint_calls = -(-config.checkpoint_every // config.steps_per_call)
     state, rows = loop.train_state, list(loop.rows)
     recent = [loop.recent_losses] if loop.recent_losses.size else []
