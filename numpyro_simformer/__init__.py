@@ -14,6 +14,7 @@ from numpyro_simformer.density import ProbabilityFlowLogDensity
 from numpyro_simformer.samplers import EDMHeun, EulerMaruyama, GuidedEulerMaruyama, ProbabilityFlowODE
 from numpyro_simformer.sde import VESDE, VPSDE
 from numpyro_simformer.simformer import Simformer
+from numpyro_simformer.simulator import Simulator
 from numpyro_simformer.ensemble import SimformerEnsemble
 from numpyro_simformer.train import TrainingConfig
 
@@ -21,6 +22,7 @@ __all__ = [
     "__version__",
     "Simformer",
     "SimformerEnsemble",
+    "Simulator",
     "dependency_matrix",
     "attention_mask",
     "NetworkConfig",

@@ -207,9 +207,8 @@ class Simulator(dist.Distribution):
                 out = jax.eval_shape(fn, jax.random.key(0), *core)
             except Exception as error:  # noqa: BLE001 - the user's function can raise anything
                 raise RuntimeError(
-                    f"The simulator {name!r} raised {type(error).__name__} when called as "
-                    f"fn(rng_key, *inputs) with inputs of shapes {[tuple(s) for s in self._core_shapes]}: "
-                    f"{error}"
+                    f"The simulator {name!r} raised {type(error).__name__}: {error} (called as "
+                    f"fn(rng_key, *inputs) with inputs of shapes {[tuple(s) for s in self._core_shapes]})."
                 ) from error
             if not hasattr(out, "shape"):
                 raise TypeError(f"The simulator {name!r} must return one array; it returned {type(out).__name__}.")
@@ -257,8 +256,9 @@ class Simulator(dist.Distribution):
     def log_prob(self, value):
         raise NotImplementedError(
             f"Simulator({self.name!r}) is sample-only: a black-box simulator has no log-density. "
-            "Use it for simulation (numpyro_simformer.Simformer, numpyro.infer.Predictive); "
-            "MCMC and SVI on a model with this site as `obs=` need a likelihood."
+            "Use it to simulate (numpyro_simformer.Simformer, numpyro.infer.Predictive); MCMC "
+            "and SVI need a log-density, so give them a model that writes the likelihood with "
+            "NumPyro distributions."
         )
 
     # ------------------------------------------------------------------ fixed noise
