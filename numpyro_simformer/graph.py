@@ -16,8 +16,9 @@ module finds each token's direct parents from the model itself (notes, section 6
 4. A sample-only :class:`~numpyro_simformer.simulator.Simulator` site has no log-density:
    its terms are its output elements, and their edges compose two parts: which latent
    elements move the simulator's inputs (step 3, applied to the inputs) and which inputs
-   move which outputs with the noise held fixed (:meth:`Simulator.dependence`). Its output
-   elements of one simulation are linked as its ``shared_noise`` says (default a clique).
+   move which outputs with the noise held fixed (:meth:`Simulator.dependence`). Noise that
+   output elements of one simulation may share (its ``shared_noise``; by default all of
+   them) is a hidden parent, marginalised by arc reversal like any non-token site.
 5. Discrete parents and sites that cannot be traced get conservative site-level edges found
    by NumPyro's provenance tracking. A missing edge is a wrong answer; an extra one costs speed.
 6. Parents of an ``obs=`` or ``numpyro.factor`` site are married; latent non-token sites
@@ -337,18 +338,20 @@ def _simulator_edges(
 
     An output element's parents are the latent elements that move an input it depends on:
     ``(outputs <- inputs)`` from :meth:`Simulator.dependence` at each prior draw (OR-ed),
-    times ``(inputs <- latent elements)`` from the probe. Returns the links among each
-    Simulator site's own elements, ``{site: (size, size) bool}``: its ``shared_noise``
-    within one simulation, nothing between simulations (each has its own key); a full
-    clique where the site cannot be read.
+    times ``(inputs <- latent elements)`` from the probe. Returns the groups of each
+    Simulator site's elements that may share noise, ``{site: (size,) int labels}``: the
+    connected components of its ``shared_noise`` within one simulation, never across
+    simulations (each has its own key); one group for a site that cannot be read.
     """
+    from scipy.sparse.csgraph import connected_components  # scipy comes with scikit-learn
+
     simulators = [s for s in sites if s.simulator]
     if not simulators:
         return {}
     num_draws = len(next(iter(draws.values()))) if draws else 1
     rows = dict(zip([s.name for s in sites], np.cumsum([0] + [math.prod(s.term_shape) for s in sites])))
     found: dict[str, np.ndarray] = {}
-    links = {s.name: np.ones((s.size, s.size), dtype=bool) for s in simulators}
+    groups = {s.name: np.zeros(s.size, dtype=int) for s in simulators}
     for draw in range(num_draws):
         values = {name: value[draw] for name, value in draws.items()}
         try:  # eager: a Simulator's dependence runs the user's function on concrete inputs
@@ -361,8 +364,9 @@ def _simulator_edges(
         for site in simulators:
             simulator = _peel(trace[site.name]["fn"])
             try:
-                event = math.prod(simulator.event_shape)
-                links[site.name] = np.kron(np.eye(site.size // max(event, 1), dtype=bool), simulator.shared_noise)
+                num_groups, label = connected_components(simulator.shared_noise, directed=False)
+                calls = site.size // max(math.prod(simulator.event_shape), 1)
+                groups[site.name] = (np.arange(calls)[:, None] * num_groups + label[None]).ravel()
                 if site.name in failed:
                     continue
                 dependence = simulator.dependence(jax.random.fold_in(rng_key, draw))
@@ -381,7 +385,23 @@ def _simulator_edges(
             continue
         composed = (found[site.name].astype(np.int32) @ from_inputs.astype(np.int32)) > 0
         term_edges[rows[site.name] : rows[site.name] + site.size] = composed
-    return links
+    return groups
+
+
+def _share_noise(graph: np.ndarray, members: np.ndarray) -> None:
+    """Marginalise a hidden noise shared by ``members`` (arc reversal, as in :func:`_marginalise`).
+
+    Each member, in order, gains every earlier member and their parents. Members with no
+    parent outside the group go first, so a noise-only output (a distractor) keeps no
+    parameter among its parents; the informative members then inherit the distractors.
+    """
+    outside = graph[members].copy()
+    outside[:, members] = False
+    running = np.zeros(len(graph), dtype=bool)
+    for member in members[np.lexsort((members, outside.any(axis=1)))]:
+        graph[member] |= running
+        running |= graph[member]
+        running[member] = True
 
 
 def _event_links(model, args, kwargs, sites, draws: dict, rng_key, failed: dict) -> dict[str, np.ndarray]:
@@ -524,7 +544,7 @@ def _marginalise(parents: np.ndarray, rank: np.ndarray, removed: np.ndarray) -> 
     return parents
 
 
-def _element_graph(sites, term_edges, site_parents, failed, event_links) -> tuple[np.ndarray, list]:
+def _element_graph(sites, term_edges, site_parents, failed, event_links, noise_groups=None) -> tuple[np.ndarray, list]:
     """Parents among all latent elements, and the parent sets that observed terms couple."""
     by_name = {s.name: s for s in sites}
     num_latent = sum(s.size for s in sites if not s.observed)
@@ -543,12 +563,17 @@ def _element_graph(sites, term_edges, site_parents, failed, event_links) -> tupl
                     edges[term, site.offset : site.offset + term * event] = True
         if site.observed:
             cliques.extend(np.flatnonzero(e) for e in edges if e.sum() > 1)
+            for label in np.unique((noise_groups or {}).get(site.name, [])):  # shared noise couples them all
+                cliques.append(np.flatnonzero(edges[noise_groups[site.name] == label].any(axis=0)))
             continue
         for term in range(num_terms):  # the term's own event is held fixed
             edges[term, site.offset + term * event : site.offset + (term + 1) * event] = False
         block = slice(site.offset, site.offset + site.size)
         graph[block] |= np.repeat(edges, event, axis=0)
-        if site.name in event_links:
+        if site.name in (noise_groups or {}):
+            for label in np.unique(noise_groups[site.name]):
+                _share_noise(graph, site.offset + np.flatnonzero(noise_groups[site.name] == label))
+        elif site.name in event_links:
             graph[block, block] |= np.tril(event_links[site.name], -1)
         else:
             within_event = np.tril(np.ones((event, event), dtype=bool), -1)
@@ -630,7 +655,7 @@ def element_parents(
 
     failed: dict[str, str] = {}
     term_edges, input_edges = _probe(model, args, kwargs, sites, draws, key_perturb, failed)
-    simulator_links = _simulator_edges(model, args, kwargs, sites, draws, jax.random.fold_in(key_events, 1),
+    noise_groups = _simulator_edges(model, args, kwargs, sites, draws, jax.random.fold_in(key_events, 1),
                                        failed, term_edges, input_edges)
     first_draw = {name: value[0] for name, value in draws.items()}
     site_parents, provenance_error = _site_parents(model, args, kwargs, sites, first_draw)
@@ -650,8 +675,8 @@ def element_parents(
             "every element of each parent site). To override, pass your own `parents=` or "
             "`attention=` mask to Simformer.", stacklevel=2,
         )
-    event_links = {**_event_links(model, args, kwargs, sites, draws, key_events, failed), **simulator_links}
-    graph, cliques = _element_graph(sites, term_edges, site_parents, failed, event_links)
+    event_links = _event_links(model, args, kwargs, sites, draws, key_events, failed)
+    graph, cliques = _element_graph(sites, term_edges, site_parents, failed, event_links, noise_groups)
     token_index = np.concatenate(
         [np.arange(by_name[n].offset, by_name[n].offset + by_name[n].size) for n in tokens]
     ).astype(int)

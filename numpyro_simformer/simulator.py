@@ -88,10 +88,14 @@ class Simulator(dist.Distribution):
             with per-element inputs: 1). Inputs without per-element values can stay
             unbatched if the plate alone repeats the simulation.
         shared_noise: which output elements of one simulation may share randomness, which
-            cannot be seen from outside: ``True`` (default, conservative: every pair, so
-            the site's elements form a clique in the graph), ``False`` (each element draws
-            its own noise: no links among them), or a bool ``(event_size, event_size)``
-            matrix (True where two elements may share noise).
+            cannot be seen from outside: ``True`` (default, conservative: all of them),
+            ``False`` (each element draws its own noise), or a bool ``(event_size,
+            event_size)`` matrix, True where two elements may share noise (read as groups:
+            its connected components). The dependency graph treats a group's noise as a
+            hidden parent of its elements and marginalises it: the elements are linked and
+            each inherits the parameters of the ones before it. Only ``False`` or a block
+            matrix lets the attention mask keep noise-only outputs (distractors) apart from
+            the parameters; with shared noise they do carry information about them.
 
     Example:
         >>> def simulator(rng_key, theta):

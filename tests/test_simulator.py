@@ -237,13 +237,16 @@ def test_black_box_edges_are_found_exactly(kind):
     np.testing.assert_array_equal(parents, expected(labels, SPARSE_EDGES))
 
 
-def test_default_links_the_outputs_of_one_simulation():
-    """Shared noise cannot be seen from outside: by default the outputs form a clique
-    (later <- earlier), and the distractor still has no parameter among its parents."""
+def test_default_marginalises_noise_the_outputs_may_share():
+    """Shared noise cannot be seen from outside: by default it is a hidden parent of every
+    output, removed by arc reversal. The noise-only x[3] goes first and keeps no parent; each
+    later output gains the earlier ones and their parents."""
     labels, parents = dependency_matrix(sparse_model(SITES["jax"]))
-    within = {f"x[{i}]": [f"x[{j}]" for j in range(i)] for i in range(4)}
-    edges = {child: SPARSE_EDGES.get(child, []) + within[child] for child in within}
+    edges = {"x[0]": ["theta[0]", "x[3]"], "x[1]": ["theta[1]", "x[3]", "x[0]", "theta[0]"],
+             "x[2]": ["theta[0]", "theta[2]", "x[3]", "x[0]", "x[1]", "theta[1]"]}
     np.testing.assert_array_equal(parents, expected(labels, edges))
+    mask = attention_mask(parents)
+    assert mask[labels.index("x[3]"), :3].all(), "given the other outputs, a distractor with shared noise informs theta"
 
 
 def distractor_model(shared_noise):
@@ -284,7 +287,7 @@ def test_stated_noise_blocks_keep_distractors_apart():
     mask = attention_mask(parents)
     distractors = [labels.index(f"x[{i}]") for i in others]
     assert not parents[distractors][:, :2].any() and not mask[np.ix_(distractors, [0, 1])].any()
-    assert parents[labels.index("x[4]"), labels.index("x[3]")]
+    assert parents[labels.index("x[4]")].tolist() == [label in ("theta[0]", "theta[1]", "x[3]") for label in labels]
 
 
 def test_plate_with_batched_inputs_links_each_simulation_to_its_own_inputs():
@@ -378,3 +381,16 @@ def test_black_box_posterior_matches_exact(rng_key):
     reference = x_o / (1 + NOISE**2) + np.sqrt(variance) * np.random.default_rng(seed).normal(size=(num_samples, 2))
     accuracy = c2st_fast(reference, samples)
     assert accuracy < 0.5 + 4 * c2st_null_std(num_samples, num_samples) + 0.05, accuracy
+
+
+@pytest.mark.parametrize("shared_noise, married", [(False, {("theta[2]", "theta[0]")}),
+                                                   (True, {("theta[1]", "theta[0]"), ("theta[2]", "theta[0]"),
+                                                           ("theta[2]", "theta[1]")})])
+def test_observed_simulator_marries_the_parents_it_couples(shared_noise, married):
+    def model():
+        theta = numpyro.sample("theta", dist.Normal(0, 1).expand([3]).to_event(1))
+        numpyro.sample("x", Simulator(sparse_jax, theta, shared_noise=shared_noise), obs=jnp.zeros(4))
+
+    labels, parents = dependency_matrix(model)
+    assert labels == ["theta[0]", "theta[1]", "theta[2]"]
+    assert {(labels[i], labels[j]) for i, j in zip(*np.nonzero(parents))} == married
