@@ -233,7 +233,7 @@ class Simulator(dist.Distribution):
                     f"received shape {matrix.shape}."
                 )
             matrix = matrix | matrix.T | np.eye(event_size, dtype=bool)
-        self._shared_noise = matrix
+        self._shared_noise = tuple(map(tuple, matrix.tolist()))  # hashable: pytree metadata
         super().__init__(batch_shape=tuple(batch_shape), event_shape=event_shape, validate_args=False)
 
     # ------------------------------------------------------------------ distribution
@@ -244,7 +244,7 @@ class Simulator(dist.Distribution):
     @property
     def shared_noise(self) -> np.ndarray:
         """bool ``(event_size, event_size)``: output elements of one simulation that may share noise."""
-        return self._shared_noise
+        return np.array(self._shared_noise, dtype=bool).reshape(2 * (math.prod(self.event_shape),))
 
     @property
     def name(self) -> str:
