@@ -18,7 +18,7 @@ __version__ = "0.2.0"
 from numpyro_simformer.diffusion import VESDE, VPSDE, AbstractSDE, ConditionMaskDistribution, build_score_fn
 from numpyro_simformer.ensemble import SimformerEnsemble
 from numpyro_simformer.inference import ProbabilityFlowLogDensity, QuerySpace, build_sample_fn
-from numpyro_simformer.model import ModelOptions, ModelSpec, attention_mask, dependency_matrix, read_model_spec
+from numpyro_simformer.model import ModelOptions, ModelSpec, Simulator, attention_mask, dependency_matrix, read_model_spec
 from numpyro_simformer.nn import NetworkConfig
 from numpyro_simformer.samplers import (
     AbstractSampler,
@@ -43,6 +43,7 @@ __all__ = [
     "ModelSpec",
     "ModelOptions",
     "read_model_spec",
+    "Simulator",
     "dependency_matrix",
     "attention_mask",
     "NetworkConfig",

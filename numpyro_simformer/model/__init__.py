@@ -6,6 +6,7 @@ in the library takes the spec.
 
 from numpyro_simformer.model.graph import attention_mask, dependency_matrix, element_parents
 from numpyro_simformer.model.simulate import SimulationInfo, simulate
+from numpyro_simformer.model.simulator import Simulator
 from numpyro_simformer.model.sites import SiteInfo, read_sites, trace_model
 from numpyro_simformer.model.spec import ModelOptions, ModelSpec, read_model_spec
 
@@ -21,4 +22,5 @@ __all__ = [
     "attention_mask",
     "simulate",
     "SimulationInfo",
+    "Simulator",
 ]

@@ -13,9 +13,15 @@ module finds each token's direct parents from the model itself (notes, section 6
    own event held fixed), OR-ed over the draws, gives the differentiable edges; moving each
    element by a large amount (vmapped) and seeing which terms change catches
    non-differentiable paths (``floor``, ``stop_gradient``, ``where``).
-4. Discrete parents and sites that cannot be traced get conservative site-level edges found
+4. A sample-only :class:`~numpyro_simformer.model.simulator.Simulator` site has no log-density:
+   its terms are its output elements, and their edges compose two parts: which latent
+   elements move the simulator's inputs (step 3, applied to the inputs) and which inputs
+   move which outputs with the noise held fixed (:meth:`Simulator.dependence`). Noise that
+   output elements of one simulation may share (its ``shared_noise``; by default all of
+   them) is a hidden parent, marginalised by arc reversal like any non-token site.
+5. Discrete parents and sites that cannot be traced get conservative site-level edges found
    by NumPyro's provenance tracking. A missing edge is a wrong answer; an extra one costs speed.
-5. Parents of an ``obs=`` or ``numpyro.factor`` site are married; latent non-token sites
+6. Parents of an ``obs=`` or ``numpyro.factor`` site are married; latent non-token sites
    (excluded noise, auxiliary, improper) are marginalised out by arc reversal.
 """
 
@@ -35,6 +41,8 @@ from numpyro import handlers
 from numpyro.distributions import constraints
 from numpyro.infer import init_to_uniform
 from numpyro.ops.provenance import eval_provenance
+
+from numpyro_simformer.model.simulator import Simulator
 
 __all__ = ["attention_mask", "dependency_matrix", "element_parents"]
 
@@ -62,6 +70,7 @@ class _Site(NamedTuple):
     control_flow: bool  # recorded by numpyro.contrib.control_flow (scan / cond)
     offset: int  # first index among all latent elements; -1 when observed
     free_event: bool  # event support is all of R^n (independent real), not a simplex etc.
+    simulator: bool = False  # a sample-only Simulator: one term per output element
 
     @property
     def size(self) -> int:
@@ -140,8 +149,9 @@ def _collect_sites(trace: dict) -> list[_Site]:
         base, shape = _peel(fn), tuple(jnp.shape(value))
         batch_shape = shape[: len(shape) - min(base.event_dim, len(shape))]
         observed = bool(msg["is_observed"])
-        term_shape = batch_shape
-        if observed:  # an observation may be broadcast against a larger batch
+        simulator = isinstance(base, Simulator)
+        term_shape = shape if simulator else batch_shape
+        if observed and not simulator:  # an observation may be broadcast against a larger batch
             try:
                 term_shape = jnp.broadcast_shapes(jnp.shape(base.log_prob(value)), batch_shape)
             except Exception:  # noqa: BLE001 - reported later as a site-level fallback
@@ -155,7 +165,7 @@ def _collect_sites(trace: dict) -> list[_Site]:
             support = support.base_constraint
         free_event = base.event_dim > 0 and support is constraints.real
         sites.append(_Site(name, shape, tuple(term_shape), observed, bool(discrete),
-                           default_token, control_flow, -1 if observed else offset, free_event))
+                           default_token, control_flow, -1 if observed else offset, free_event, simulator))
         offset += 0 if observed else math.prod(shape)
     return sites
 
@@ -201,9 +211,14 @@ def _resolve_tokens(
 
 
 def _log_density_terms(
-    model: Callable, args: tuple, kwargs: dict, sites: list[_Site], values: dict, failed: dict
+    model: Callable, args: tuple, kwargs: dict, sites: list[_Site], values: dict, failed: dict,
+    simulator_inputs: dict | None = None,
 ) -> dict[str, jax.Array]:
-    """One log-density term per independent event of every sample site, flattened."""
+    """One log-density term per independent event of every sample site, flattened.
+
+    A Simulator site has no log-density: its terms are zeros that carry the provenance of
+    its inputs, and its inputs are written to ``simulator_inputs`` when given.
+    """
     trace = handlers.trace(handlers.substitute(handlers.seed(model, 0), data=values)).get_trace(
         *args, **kwargs
     )
@@ -212,6 +227,12 @@ def _log_density_terms(
         size = math.prod(site.term_shape)
         try:
             msg = trace[site.name]
+            if site.simulator:
+                inputs = _peel(msg["fn"]).flat_inputs()
+                if simulator_inputs is not None:
+                    simulator_inputs[site.name] = inputs
+                terms[site.name] = jnp.broadcast_to(0.0 * jnp.sum(inputs), (size,))
+                continue
             log_prob = _peel(msg["fn"]).log_prob(msg["value"])
             terms[site.name] = jnp.broadcast_to(log_prob, site.term_shape).reshape(size)
         except Exception as error:  # noqa: BLE001 - this site falls back to site-level edges
@@ -220,8 +241,12 @@ def _log_density_terms(
     return terms
 
 
-def _probe(model, args, kwargs, sites, draws: dict, rng_key, failed: dict) -> np.ndarray:
-    """Element edges found by Jacobians and perturbations: (num_terms, num_latent) bool."""
+def _probe(model, args, kwargs, sites, draws: dict, rng_key, failed: dict) -> tuple[np.ndarray, dict]:
+    """Element edges found by Jacobians and perturbations: ``(term_edges, input_edges)``.
+
+    ``term_edges`` is (num_terms, num_latent) bool; ``input_edges`` is ``{simulator site:
+    (num_inputs, num_latent) bool}``, which latent elements move each Simulator's inputs.
+    """
     latent = [s for s in sites if not s.observed]
     num_terms = sum(math.prod(s.term_shape) for s in sites)
     continuous = [s for s in latent if not s.discrete and s.size > 0]
@@ -230,17 +255,20 @@ def _probe(model, args, kwargs, sites, draws: dict, rng_key, failed: dict) -> np
     columns = np.concatenate([np.arange(s.offset, s.offset + s.size) for s in continuous] or [[]])
     edges = np.zeros((num_terms, sum(s.size for s in latent)), dtype=bool)
     if not continuous:
-        return edges
+        return edges, {}
     dtype = jnp.result_type(float)
     num_draws = len(next(iter(draws.values())))
     z = np.concatenate([draws[s.name].reshape(num_draws, -1) for s in continuous], axis=1)
     z = z.astype(dtype)
     discrete = {s.name: draws[s.name] for s in latent if s.discrete}
 
-    def terms_fn(flat, discrete_values):
+    simulators = [s.name for s in sites if s.simulator]
+
+    def terms_fn(flat, discrete_values):  # log-density terms, then every Simulator's inputs
         values = {s.name: flat[slices[s.name]].reshape(s.shape) for s in continuous}
-        terms = _log_density_terms(model, args, kwargs, sites, {**values, **discrete_values}, failed)
-        return jnp.concatenate([terms[s.name] for s in sites])
+        inputs: dict[str, jax.Array] = {}
+        terms = _log_density_terms(model, args, kwargs, sites, {**values, **discrete_values}, failed, inputs)
+        return jnp.concatenate([terms[s.name] for s in sites] + [inputs.get(n, jnp.zeros(0)) for n in simulators])
 
     def changed_fn(flat, discrete_values, delta):  # delta: (2, num_continuous)
         size = flat.shape[0]
@@ -262,7 +290,24 @@ def _probe(model, args, kwargs, sites, draws: dict, rng_key, failed: dict) -> np
     seed = np.asarray(rng_key).ravel()
     magnitude = np.random.default_rng(seed).uniform(1.0, 3.0, size=(num_draws, 2, z.shape[1]))
     delta = (magnitude * (1.0 + np.abs(z))[:, None] * np.array([1.0, -1.0])[:, None]).astype(dtype)
-    jacobians = (jax.jacfwd, jax.jacrev) if z.shape[1] <= num_terms else (jax.jacrev, jax.jacfwd)
+    input_sizes: dict[str, int] = {}
+    if simulators:
+
+        def inputs_fn(values):
+            inputs: dict[str, jax.Array] = {}
+            _log_density_terms(model, args, kwargs, sites, values, {}, inputs)
+            return inputs
+
+        try:
+            shapes = jax.eval_shape(inputs_fn, {name: value[0] for name, value in draws.items()})
+        except Exception as error:  # noqa: BLE001 - these sites fall back to site-level edges
+            shapes = {}
+            for name in simulators:
+                failed.setdefault(name, f"its inputs could not be traced ({type(error).__name__}: {error})")
+        input_sizes = {n: shapes[n].shape[0] if n in shapes else 0 for n in simulators}
+    num_rows = num_terms + sum(input_sizes.values())
+    edges = np.zeros((num_rows, edges.shape[1]), dtype=bool)
+    jacobians = (jax.jacfwd, jax.jacrev) if z.shape[1] <= num_rows else (jax.jacrev, jax.jacfwd)
     use_jit = len(sites) <= _JIT_MAX_SITES
     attempts = [(jacobians[0], _FAST_COMPILE)] * use_jit + [(j, None) for j in jacobians]
     error = None
@@ -275,12 +320,88 @@ def _probe(model, args, kwargs, sites, draws: dict, rng_key, failed: dict) -> np
         run = jax.jit(jax.vmap(edges_fn), compiler_options=options) if use_jit else jax.vmap(edges_fn)
         try:
             edges[:, columns] = np.asarray(jnp.any(run(z, discrete, delta), axis=0))
-            return edges
+            break
         except Exception as caught:  # noqa: BLE001 - the whole model falls back below
             error = caught
-    for site in sites:
-        failed.setdefault(site.name, f"the model could not be traced ({type(error).__name__}: {error})")
-    return edges
+    else:
+        for site in sites:
+            failed.setdefault(site.name, f"the model could not be traced ({type(error).__name__}: {error})")
+    input_starts = np.cumsum([num_terms] + [input_sizes[n] for n in simulators])
+    input_edges = {n: edges[start : start + input_sizes[n]] for n, start in zip(simulators, input_starts)}
+    return edges[:num_terms], input_edges
+
+
+def _simulator_edges(
+    model, args, kwargs, sites, draws: dict, rng_key, failed: dict, term_edges: np.ndarray, input_edges: dict
+) -> dict[str, np.ndarray]:
+    """Write the edges of every Simulator site's output elements into ``term_edges``.
+
+    An output element's parents are the latent elements that move an input it depends on:
+    ``(outputs <- inputs)`` from :meth:`Simulator.dependence` at each prior draw (OR-ed),
+    times ``(inputs <- latent elements)`` from the probe. Returns the groups of each
+    Simulator site's elements that may share noise, ``{site: (size,) int labels}``: the
+    connected components of its ``shared_noise`` within one simulation, never across
+    simulations (each has its own key); one group for a site that cannot be read.
+    """
+    from scipy.sparse.csgraph import connected_components  # scipy comes with scikit-learn
+
+    simulators = [s for s in sites if s.simulator]
+    if not simulators:
+        return {}
+    num_draws = len(next(iter(draws.values()))) if draws else 1
+    rows = dict(zip([s.name for s in sites], np.cumsum([0] + [math.prod(s.term_shape) for s in sites])))
+    found: dict[str, np.ndarray] = {}
+    groups = {s.name: np.zeros(s.size, dtype=int) for s in simulators}
+    for draw in range(num_draws):
+        values = {name: value[draw] for name, value in draws.items()}
+        try:  # eager: a Simulator's dependence runs the user's function on concrete inputs
+            trace = handlers.trace(handlers.substitute(handlers.seed(model, 0), data=values)).get_trace(
+                *args, **kwargs)
+        except Exception as error:  # noqa: BLE001 - these sites fall back to site-level edges
+            for site in simulators:
+                failed.setdefault(site.name, f"the model could not be run eagerly ({type(error).__name__}: {error})")
+            break
+        for site in simulators:
+            simulator = _peel(trace[site.name]["fn"])
+            try:
+                num_groups, label = connected_components(simulator.shared_noise, directed=False)
+                calls = site.size // max(math.prod(simulator.event_shape), 1)
+                groups[site.name] = (np.arange(calls)[:, None] * num_groups + label[None]).ravel()
+                if site.name in failed:
+                    continue
+                dependence = simulator.dependence(jax.random.fold_in(rng_key, draw))
+                index = np.broadcast_to(
+                    np.arange(dependence.shape[0]).reshape(simulator.batch_shape + simulator.event_shape), site.shape
+                ).ravel()
+                found[site.name] = found.get(site.name, False) | dependence[index]
+            except Exception as error:  # noqa: BLE001 - this site falls back to site-level edges
+                failed.setdefault(site.name, f"{type(error).__name__}: {error}")
+    for site in simulators:
+        if site.name in failed or site.name not in found:
+            continue
+        from_inputs = input_edges.get(site.name)
+        if from_inputs is None or from_inputs.shape[0] != found[site.name].shape[1]:
+            failed.setdefault(site.name, "its inputs changed size between prior draws")
+            continue
+        composed = (found[site.name].astype(np.int32) @ from_inputs.astype(np.int32)) > 0
+        term_edges[rows[site.name] : rows[site.name] + site.size] = composed
+    return groups
+
+
+def _share_noise(graph: np.ndarray, members: np.ndarray) -> None:
+    """Marginalise a hidden noise shared by ``members`` (arc reversal, as in :func:`_marginalise`).
+
+    Each member, in order, gains every earlier member and their parents. Members with no
+    parent outside the group go first, so a noise-only output (a distractor) keeps no
+    parameter among its parents; the informative members then inherit the distractors.
+    """
+    outside = graph[members].copy()
+    outside[:, members] = False
+    running = np.zeros(len(graph), dtype=bool)
+    for member in members[np.lexsort((members, outside.any(axis=1)))]:
+        graph[member] |= running
+        running |= graph[member]
+        running[member] = True
 
 
 def _event_links(model, args, kwargs, sites, draws: dict, rng_key, failed: dict) -> dict[str, np.ndarray]:
@@ -423,7 +544,7 @@ def _marginalise(parents: np.ndarray, rank: np.ndarray, removed: np.ndarray) -> 
     return parents
 
 
-def _element_graph(sites, term_edges, site_parents, failed, event_links) -> tuple[np.ndarray, list]:
+def _element_graph(sites, term_edges, site_parents, failed, event_links, noise_groups=None) -> tuple[np.ndarray, list]:
     """Parents among all latent elements, and the parent sets that observed terms couple."""
     by_name = {s.name: s for s in sites}
     num_latent = sum(s.size for s in sites if not s.observed)
@@ -442,12 +563,17 @@ def _element_graph(sites, term_edges, site_parents, failed, event_links) -> tupl
                     edges[term, site.offset : site.offset + term * event] = True
         if site.observed:
             cliques.extend(np.flatnonzero(e) for e in edges if e.sum() > 1)
+            for label in np.unique((noise_groups or {}).get(site.name, [])):  # shared noise couples them all
+                cliques.append(np.flatnonzero(edges[noise_groups[site.name] == label].any(axis=0)))
             continue
         for term in range(num_terms):  # the term's own event is held fixed
             edges[term, site.offset + term * event : site.offset + (term + 1) * event] = False
         block = slice(site.offset, site.offset + site.size)
         graph[block] |= np.repeat(edges, event, axis=0)
-        if site.name in event_links:
+        if site.name in (noise_groups or {}):
+            for label in np.unique(noise_groups[site.name]):
+                _share_noise(graph, site.offset + np.flatnonzero(noise_groups[site.name] == label))
+        elif site.name in event_links:
             graph[block, block] |= np.tril(event_links[site.name], -1)
         else:
             within_event = np.tril(np.ones((event, event), dtype=bool), -1)
@@ -528,7 +654,9 @@ def element_parents(
     by_name = {s.name: s for s in sites}
 
     failed: dict[str, str] = {}
-    term_edges = _probe(model, args, kwargs, sites, draws, key_perturb, failed)
+    term_edges, input_edges = _probe(model, args, kwargs, sites, draws, key_perturb, failed)
+    noise_groups = _simulator_edges(model, args, kwargs, sites, draws, jax.random.fold_in(key_events, 1),
+                                       failed, term_edges, input_edges)
     first_draw = {name: value[0] for name, value in draws.items()}
     site_parents, provenance_error = _site_parents(model, args, kwargs, sites, first_draw)
     if provenance_error is not None:
@@ -548,7 +676,7 @@ def element_parents(
             "`attention=` mask to Simformer.", stacklevel=2,
         )
     event_links = _event_links(model, args, kwargs, sites, draws, key_events, failed)
-    graph, cliques = _element_graph(sites, term_edges, site_parents, failed, event_links)
+    graph, cliques = _element_graph(sites, term_edges, site_parents, failed, event_links, noise_groups)
     token_index = np.concatenate(
         [np.arange(by_name[n].offset, by_name[n].offset + by_name[n].size) for n in tokens]
     ).astype(int)
