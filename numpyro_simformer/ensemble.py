@@ -191,7 +191,7 @@ class SimformerEnsemble:
         return path
 
     @classmethod
-    def load(cls, path, model: Callable, *model_args, **model_kwargs) -> "SimformerEnsemble":
+    def load(cls, path, model: Callable, *model_args, check_model: bool = True, **model_kwargs) -> "SimformerEnsemble":
         """Rebuild an ensemble written by :meth:`save`, with its model (as :meth:`Simformer.load`)."""
         path = Path(path)
         record_path = path / _RECORD
@@ -199,7 +199,7 @@ class SimformerEnsemble:
             raise FileNotFoundError(f"{path} holds no ensemble ({_RECORD} is missing); was it written by "
                                     "`SimformerEnsemble.save`?")
         record = json.loads(record_path.read_text())
-        members = [Simformer.load(path / f"member_{index}", model, *model_args, **model_kwargs)
+        members = [Simformer.load(path / f"member_{index}", model, *model_args, check_model=check_model, **model_kwargs)
                    for index in range(int(record["num_members"]))]
         ensemble = cls.from_members(members)
         ensemble.simulation_time = float(record.get("simulation_time", 0.0))

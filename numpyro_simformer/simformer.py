@@ -32,7 +32,7 @@ from numpyro_simformer.diffusion.masks import ConditionMaskDistribution
 from numpyro_simformer.diffusion.sde import VESDE
 from numpyro_simformer.inference.density import ProbabilityFlowLogDensity, conditional_log_prob, points_to_tokens
 from numpyro_simformer.inference.driver import QuerySpace, draw_z
-from numpyro_simformer.inference.output import answer_tree, deterministic_sites
+from numpyro_simformer.inference.output import answer_tree, deterministic_sites, site_values_of
 from numpyro_simformer.io.checkpoint import read_checkpoint, save_simformer
 from numpyro_simformer.io.serialization import ensure_writable_directory
 from numpyro_simformer.inference.query import build_query, observed_tokens, to_z_checked
@@ -339,11 +339,14 @@ class Simformer:
         return save_simformer(self, path, overwrite=overwrite)
 
     @classmethod
-    def load(cls, path, model: Callable, *model_args, **model_kwargs) -> "Simformer":
+    def load(cls, path, model: Callable, *model_args, check_model: bool = True, **model_kwargs) -> "Simformer":
         """Rebuild a fitted Simformer from a checkpoint written by :meth:`save` and its model.
 
-        The model is traced once with ``model_args``/``model_kwargs``; its sites must match
-        the checkpoint's. The loaded object gives the same samples for the same key.
+        The model is traced with ``model_args``/``model_kwargs``; its sites must match the
+        checkpoint's, and (``check_model=True``) so must its element-level graph and its
+        draws under a fixed key, so a changed prior or simulator is noticed. Pass
+        ``check_model=False`` to load into a model changed on purpose. The loaded object
+        gives the same samples for the same key.
 
         Raises:
             FileNotFoundError: when ``path`` does not exist.
@@ -352,7 +355,7 @@ class Simformer:
             numpyro_simformer.io.checkpoint.ModelMismatchError: when a site of the model
                 differs from the checkpoint's (the message names it).
         """
-        options, state = read_checkpoint(path, model, model_args, model_kwargs)
+        options, state = read_checkpoint(path, model, model_args, model_kwargs, check_model=check_model)
         sf = cls(model, **options)
         sf._set_state(state)
         return sf
@@ -475,11 +478,14 @@ class Simformer:
             "sampler": repr(sampler),
             "num_simulations": int(state.simulation_info.num_valid),
         }
+        site_values = site_values_of(space.layout, tokens)  # discrete sites rounded once, for both uses
         deterministic = None
         if return_deterministic:
-            deterministic = deterministic_sites(jax.random.fold_in(rng_key, _DETERMINISTIC_STREAM), space, tokens)
+            deterministic = deterministic_sites(jax.random.fold_in(rng_key, _DETERMINISTIC_STREAM), space, site_values,
+                                                tokens.ndim - 1)
         tree = answer_tree(space, tokens, values, query.condition_mask, query.observed_names, attrs=attrs,
-                           batched=query.batched, intervals=query.intervals, deterministic=deterministic)
+                           batched=query.batched, intervals=query.intervals, deterministic=deterministic,
+                           site_values=site_values)
         if query.intervals is not None:
             tree.attrs["guidance"] = repr(guidance)
         if support is not None:  # interval_sites="reject": what was redrawn

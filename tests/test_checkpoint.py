@@ -116,7 +116,7 @@ def test_load_gives_identical_samples(fitted, saved, rng_key):
 
 def test_metadata_is_plain_json(saved):
     record = json.loads((saved / "simformer.json").read_text())
-    assert record["format_version"] == 1 and record["library_version"]
+    assert record["format_version"] == 2 and record["library_version"]
     assert [site["name"] for site in record["layout"]["sites"]] == ["theta", "scale", "x"]
     assert record["layout"]["sites"][1]["support"]["constraint"] == "_Positive"
     assert not list(saved.rglob("*.pkl")) and not list(saved.rglob("*.pickle"))
@@ -144,7 +144,10 @@ def test_changed_model_is_refused_naming_the_site(saved, other, site):
 
 
 def test_model_arguments_reach_the_model(saved):
-    Simformer.load(saved, model, noise=0.1)  # same sites, other argument: fine
+    """Another argument is another model (x's noise): refused by its draws, loaded on purpose with check_model=False."""
+    with pytest.raises(ModelMismatchError, match="site 'x' draws other values"):
+        Simformer.load(saved, model, noise=0.1)
+    assert Simformer.load(saved, model, noise=0.1, check_model=False).fitted
 
 
 def test_missing_checkpoint(tmp_path):

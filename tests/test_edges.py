@@ -359,7 +359,62 @@ def test_draws_far_outside_the_training_data_are_warned_about():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         warn_extrapolation(layout, z, condition_mask)
+    z[0, :1, layout.site_names.index("rate")] = 12.0  # one stray draw in 200 (0.5 %): no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_extrapolation(layout, z, condition_mask)
     z[0, :3, layout.site_names.index("rate")] = 12.0
     with pytest.warns(UserWarning, match=r"Draws of 'rate' \(1.5% of draws\) lie more than 6 standard deviations.*"
                                          r"up to 12.*extrapolating"):
         warn_extrapolation(layout, z, condition_mask)
+
+
+# ---------------------------------------------------------------------------- load notices a changed model
+def _prior_moved():
+    theta = numpyro.sample("theta", dist.Normal(5.0, 0.1))
+    numpyro.sample("x", dist.Normal(theta, 0.5))
+
+
+def _graph_changed():  # x no longer depends on theta: same names, shapes and supports
+    numpyro.sample("theta", dist.Normal(0.0, 1.0))
+    numpyro.sample("x", dist.Normal(0.0, 0.5))
+
+
+@pytest.mark.parametrize("changed, what", [(_prior_moved, "site 'theta' draws other values"),
+                                            (_graph_changed, "dependency graph differs")])
+def test_load_notices_a_changed_model_and_says_what_changed(saved, changed, what):
+    from numpyro_simformer.io.checkpoint import ModelMismatchError
+
+    _, path = saved
+    with pytest.raises(ModelMismatchError, match=what):
+        Simformer.load(path, changed)
+    loaded = Simformer.load(path, changed, check_model=False)  # a change made on purpose
+    assert loaded.fitted
+
+
+@pytest.mark.parametrize("edit", ["mean", "std", "parents", "nan"])
+def test_an_edited_record_is_refused(saved, tmp_path, edit):
+    import json
+    import shutil
+
+    _, path = saved
+    copy = pathlib.Path(shutil.copytree(path, tmp_path / "edited"))
+    record = json.loads((copy / "simformer.json").read_text())
+    if edit in ("mean", "std"):
+        record["transform"][edit] = _scaled(record["transform"][edit], 1.5 if edit == "std" else None)
+    elif edit == "parents":  # the graph emptied: x no longer a child of theta
+        record["graph"]["parents"] = ["0" * len(row) for row in record["graph"]["parents"]]
+    else:
+        record["timings"]["training_time"] = float("nan")
+    (copy / "simformer.json").write_text(json.dumps(record))
+    with pytest.raises(CheckpointError, match="edited or damaged"):
+        Simformer.load(copy, small_model)
+    assert Simformer.load(path, small_model).fitted  # the untouched original still loads
+
+
+def _scaled(encoded, factor):
+    """An encoded array with its values shifted by 0.5 (``factor`` None) or multiplied by ``factor``."""
+    from numpyro_simformer.io.serialization import decode_array, encode_array
+
+    values = decode_array(encoded)
+    return encode_array(values + 0.5 if factor is None else values * factor)

@@ -20,7 +20,7 @@ from arviz_base import from_dict
 from numpyro_simformer.model.deterministic import deterministic_values, read_deterministic
 from numpyro_simformer.tokens.layout import TokenLayout
 
-__all__ = ["to_datatree", "answer_tree", "deterministic_sites"]
+__all__ = ["to_datatree", "answer_tree", "deterministic_sites", "site_values_of"]
 
 
 def to_datatree(
@@ -75,8 +75,15 @@ def to_datatree(
     return tree
 
 
+def site_values_of(layout: TokenLayout, tokens) -> dict[str, np.ndarray]:
+    """``{site: (..., *site shape)}`` of constrained tokens (..., num_tokens); discrete sites as integers."""
+    unflat = layout.unflatten(tokens)
+    return {site.name: np.rint(unflat[site.name]).astype(np.int64) if site.is_discrete
+            else np.asarray(unflat[site.name]) for site in layout.sites}
+
+
 def answer_tree(space, tokens, values, condition_mask, observed_names: Sequence[str], *, attrs: Mapping,
-                batched: bool = False, intervals=None, deterministic=None):
+                batched: bool = False, intervals=None, deterministic=None, site_values=None):
     """The DataTree of one answered query.
 
     Args:
@@ -89,15 +96,15 @@ def answer_tree(space, tokens, values, condition_mask, observed_names: Sequence[
         batched: whether the query is a batch of observations (an ``observation`` dim).
         intervals: the query's :class:`~numpyro_simformer.inference.query.IntervalQuery`, or ``None``.
         deterministic: ``(values, not_returned)`` from :func:`deterministic_sites`, or ``None``.
+        site_values: :func:`site_values_of` the tokens, when the caller has them already.
     """
     layout = space.layout
     has_children = space.spec.has_children
     slices = layout.slices()
     condition_mask = np.reshape(condition_mask, (-1, layout.num_tokens))
     inferred = [site for site in layout.sites if not condition_mask[:, slices[site.name]].all()]
-    unflat = layout.unflatten(tokens)
-    samples = {site.name: np.rint(unflat[site.name]).astype(np.int64) if site.is_discrete
-               else np.asarray(unflat[site.name]) for site in inferred}
+    site_values = site_values_of(layout, tokens) if site_values is None else site_values
+    samples = {site.name: site_values[site.name] for site in inferred}
     observed_sites = layout.unflatten(np.asarray(values, dtype=np.float64))
     extra_dims = ("observation",) if batched else ()
     attrs = dict(attrs)
@@ -127,25 +134,23 @@ def answer_tree(space, tokens, values, condition_mask, observed_names: Sequence[
     )
 
 
-def deterministic_sites(rng_key, space, tokens):
+def deterministic_sites(rng_key, space, site_values, batch_ndim: int):
     """``({name: (values, dims)}, not_returned)``: the model's deterministic sites for each draw.
 
-    ``tokens``: (chain, draw, [observation,] num_tokens), constrained. The model is re-run
-    on every draw's token sites (as ``numpyro.infer.Predictive``); a site that also depends
-    on sample sites outside the tokens is named in ``not_returned``, with a warning.
+    ``site_values``: :func:`site_values_of` the constrained tokens, with ``batch_ndim``
+    leading axes (chain, draw, [observation]). The model is re-run on every draw's token
+    sites (as ``numpyro.infer.Predictive``); a site that also depends on sample sites
+    outside the tokens is named in ``not_returned``, with a warning.
     """
     spec = space.spec
     layout = space.layout
-    unflat = layout.unflatten(tokens)
-    site_values = {site.name: np.rint(unflat[site.name]).astype(np.int64) if site.is_discrete
-                   else np.asarray(unflat[site.name]) for site in layout.sites}
     if space.deterministic is None:
         space.deterministic = read_deterministic(spec.model, spec.model_args, spec.model_kwargs, layout.site_names)
     dims, random_outside = space.deterministic
     if not dims:
         return {}, []
     values, not_returned = deterministic_values(rng_key, spec.model, spec.model_args, spec.model_kwargs, site_values,
-                                                dims, tokens.ndim - 1, random_outside)
+                                                dims, batch_ndim, random_outside)
     if not_returned:
         warnings.warn(
             f"Deterministic site(s) {not_returned} depend on sites outside the tokens (exclude_sites="

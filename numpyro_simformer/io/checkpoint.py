@@ -36,10 +36,12 @@ from typing import Callable, Mapping
 
 import jax
 import numpy as np
+import numpyro
 from flax import nnx
 from numpyro.distributions import constraints
 
-from numpyro_simformer.model.simulate import SimulationInfo
+from numpyro_simformer.model.graph import element_parents
+from numpyro_simformer.model.simulate import SimulationInfo, simulate
 from numpyro_simformer.model.sites import SiteInfo, read_sites, trace_model
 from numpyro_simformer.model.spec import ModelOptions, ModelSpec
 from numpyro_simformer.nn import SimformerNetwork
@@ -53,6 +55,8 @@ from numpyro_simformer.io.serialization import (
     CheckpointError,
     ModelMismatchError,
     check_publish_target,
+    check_record_seal,
+    seal_record,
     publish_directory,
     decode_array,
     decode_bool_matrix,
@@ -185,10 +189,13 @@ def save_simformer(sf, path, *, overwrite: bool = False) -> pathlib.Path:
     record["history"] = encode_named_tuple(state.history)
     record["simulation_info"] = encode_named_tuple(state.simulation_info)
     record["timings"] = {"simulation_time": float(state.simulation_time), "training_time": float(state.training_time)}
+    record["model_fingerprint"] = {name: encode_array(value) for name, value in
+                                   model_fingerprint(spec.model, spec.model_args, spec.model_kwargs,
+                                                     layout.site_names).items()}
     staging = pathlib.Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.saving-"))
     try:
         record["arrays"] = save_arrays(staging / _ARRAYS_DIR, {"params": state.params, "constants": state.constants})
-        write_json(staging / _METADATA_FILE, record)
+        write_json(staging / _METADATA_FILE, seal_record(record))
         publish_directory(staging, path, overwrite)
     finally:
         if staging.exists():
@@ -230,8 +237,51 @@ def _check_sites(model_sites: dict, stored_sites: list[dict], options: dict, whe
         )
 
 
-def read_checkpoint(path, model: Callable, model_args: tuple = (), model_kwargs: Mapping | None = None
-                    ) -> tuple[dict, FittedState]:
+# Joint draws under a fixed key that stand for the model's prior and simulator.
+_FINGERPRINT_DRAWS = 8
+_FINGERPRINT_KEY = 0
+
+
+def model_fingerprint(model: Callable, model_args: tuple, model_kwargs: Mapping, site_names) -> dict[str, np.ndarray]:
+    """``{site: (draws, *site shape)}``: the model's joint draws under a fixed key.
+
+    A changed prior or simulator changes them (a different location, scale or
+    function), whatever the names and shapes of the sites; ``load`` compares them.
+    """
+    draws, _ = simulate(jax.random.key(_FINGERPRINT_KEY), model, _FINGERPRINT_DRAWS, list(site_names),
+                        tuple(model_args), dict(model_kwargs), chunk_size=_FINGERPRINT_DRAWS)
+    return {name: np.asarray(value, dtype=np.float64) for name, value in draws.items()}
+
+
+def _check_model(model, model_args, model_kwargs, layout, options, stored_parents, stored_fingerprint, where):
+    """Refuse a model whose draws or graph differ from the fitted model's, naming what differs."""
+    problems = []
+    if stored_fingerprint is not None:
+        now = model_fingerprint(model, model_args, model_kwargs, layout.site_names)
+        for name in layout.site_names:
+            stored = decode_array(stored_fingerprint[name]) if name in stored_fingerprint else None
+            if stored is None or stored.shape != now[name].shape or not np.allclose(
+                    stored, now[name], rtol=1e-4, atol=1e-6, equal_nan=True):
+                problems.append(f"site {name!r} draws other values under a fixed key (its prior or simulator "
+                                "changed)")
+    if options.parents is None:
+        with numpyro.validation_enabled(False):
+            labels, parents = element_parents(model, model_args, model_kwargs, token_sites=layout.site_names,
+                                              exclude_sites=options.exclude_sites, rng_key=jax.random.key(0))
+        changed = np.flatnonzero((np.asarray(parents, bool) != stored_parents).any(axis=1))
+        if changed.size:
+            problems.append("the dependency graph differs at tokens " + ", ".join(
+                repr(labels[index]) for index in changed[:6]) + (" ..." if changed.size > 6 else ""))
+    if problems:
+        raise ModelMismatchError(
+            f"{where}: the model is not the one this checkpoint was fitted with: " + "; ".join(problems) + ". Load "
+            "it with the model (and model arguments) it was fitted with, or pass `check_model=False` to load the "
+            "network into a model you changed on purpose."
+        )
+
+
+def read_checkpoint(path, model: Callable, model_args: tuple = (), model_kwargs: Mapping | None = None, *,
+                    check_model: bool = True) -> tuple[dict, FittedState]:
     """Read a checkpoint directory against the user's model: the constructor options and the fitted state.
 
     ``Simformer.load`` builds the object from them: ``Simformer(model, **options)`` holding ``state``.
@@ -240,11 +290,17 @@ def read_checkpoint(path, model: Callable, model_args: tuple = (), model_kwargs:
         path: a directory written by :func:`save_simformer` (``Simformer.save``).
         model: the NumPyro model it was fitted with.
         model_args, model_kwargs: the model's arguments, as given to ``fit``.
+        check_model: compare the model with the one that was fitted beyond its sites: its
+            element-level graph, and its prior and simulator through draws under a fixed
+            key (:func:`model_fingerprint`). ``False`` loads into a model changed on purpose
+            (the sites' names, shapes and supports must still match).
 
     Raises:
         FileNotFoundError: when ``path`` does not exist.
-        CheckpointError: when the checkpoint is unreadable, truncated or altered.
-        ModelMismatchError: when the model's sites differ from the checkpoint's.
+        CheckpointError: when the checkpoint is unreadable, truncated or altered (its
+            record is sealed by a digest of itself, its weights by theirs).
+        ModelMismatchError: when the model's sites differ from the checkpoint's, or (with
+            ``check_model``) its graph or its draws do; the message names what differs.
     """
     model_kwargs = dict(model_kwargs or {})
     path = pathlib.Path(path)
@@ -254,6 +310,7 @@ def read_checkpoint(path, model: Callable, model_args: tuple = (), model_kwargs:
     if not path.is_dir():
         raise CheckpointError(f"{where} is a file; a Simformer checkpoint is a directory written by `save`.")
     record = read_json(path / _METADATA_FILE, where)
+    check_record_seal(record, where)
     try:
         options = _options_from_record(record["options"])
         stored_sites = record["layout"]["sites"]
@@ -292,6 +349,9 @@ def read_checkpoint(path, model: Callable, model_args: tuple = (), model_kwargs:
         if array.shape[-1] != num_tokens:
             raise CheckpointError(f"{where}: its {name} has {array.shape[-1]} tokens but its layout {num_tokens}.")
 
+    if check_model:
+        _check_model(model, tuple(model_args), model_kwargs, layout, model_options, parents,
+                     record.get("model_fingerprint"), where)
     data_sites = tuple(name for name, part in layout.slices().items() if data_mask[part].all())
     spec = ModelSpec(model=model, model_args=tuple(model_args), model_kwargs=model_kwargs, options=model_options,
                      layout=layout, supports=supports, parents=parents, attention_mask=attention_mask,

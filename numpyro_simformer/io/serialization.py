@@ -32,6 +32,8 @@ __all__ = [
     "ModelMismatchError",
     "FORMAT_NAME",
     "FORMAT_VERSION",
+    "seal_record",
+    "check_record_seal",
     "encode_config",
     "decode_config",
     "encode_array",
@@ -53,7 +55,10 @@ __all__ = [
 ]
 
 FORMAT_NAME = "numpyro_simformer.checkpoint"  # a name in the files, not a module path: never changes
-FORMAT_VERSION = 1
+# 2: the record is sealed by a digest of itself (RECORD_DIGEST) and holds a fingerprint of
+# the model (fixed-key draws); version 1 checkpoints load without either check.
+FORMAT_VERSION = 2
+RECORD_DIGEST = "record_sha256"
 
 
 class CheckpointError(ValueError):
@@ -374,6 +379,31 @@ def write_json(path: pathlib.Path, record: dict) -> None:
         stream.flush()
         os.fsync(stream.fileno())
     os.replace(temporary, path)
+
+
+def _record_digest(record: Mapping) -> str:
+    payload = json.dumps({key: value for key, value in record.items() if key != RECORD_DIGEST}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def seal_record(record: dict) -> dict:
+    """``record`` with a SHA-256 digest of its own content (every field but the digest)."""
+    return {**record, RECORD_DIGEST: _record_digest(record)}
+
+
+def check_record_seal(record: Mapping, where: str) -> None:
+    """Refuse a record whose content no longer matches its digest (version 2 and later).
+
+    The digest catches edits and damage (a z-score shifted, a mask replaced, a NaN put in),
+    not a forger who recomputes it: it is an integrity check, not a signature.
+    """
+    if record.get("format_version", 1) < 2:
+        return  # written before records were sealed
+    if record.get(RECORD_DIGEST) != _record_digest(record):
+        raise CheckpointError(
+            f"{where}: simformer.json does not match the digest recorded when it was saved; it was edited or "
+            "damaged after `save`. Save the checkpoint again from the fitted Simformer (or fit again)."
+        )
 
 
 def record_header() -> dict:
