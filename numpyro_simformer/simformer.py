@@ -305,18 +305,6 @@ class Simformer:
         self.state = state
         self._spaces = {}
 
-    @classmethod
-    def from_state(cls, state: FittedState, **options) -> "Simformer":
-        """A fitted Simformer around ``state`` (as :meth:`load` builds one); ``options`` as the constructor's."""
-        spec = state.spec
-        sf = cls(spec.model, **{
-            "attention": spec.options.attention, "parents": spec.options.parents,
-            "token_sites": spec.options.token_sites, "exclude_sites": spec.options.exclude_sites,
-            "data_sites": spec.options.data_sites, "coordinates": spec.options.coordinates,
-            "exchangeable": spec.options.exchangeable, "network": state.network, "sde": state.sde, **options})
-        sf._set_state(state)
-        return sf
-
     # ------------------------------------------------------------------ checkpoints
     def save(self, path, *, overwrite: bool = False):
         """Write the fitted Simformer to the directory ``path``: Orbax weights and a JSON record.

@@ -134,3 +134,15 @@ def test_bad_arguments_are_named(ensemble, rng_key):
         SimformerEnsemble.from_members([ensemble.members[0], other])
     with pytest.raises(TypeError, match="Simformer objects"):
         SimformerEnsemble.from_members([])
+
+
+def test_the_model_is_read_once_per_ensemble_fit(monkeypatch, rng_key):
+    """One graph extraction and one trace pair for all members (it was num_members + 1)."""
+    import numpyro_simformer.model.spec as spec_module
+
+    calls = []
+    extract = spec_module.element_parents
+    monkeypatch.setattr(spec_module, "element_parents", lambda *args, **kwargs: calls.append(1) or extract(*args, **kwargs))
+    ensemble = SimformerEnsemble(model, num_members=3, **TINY).fit(rng_key)
+    assert len(calls) == 1
+    assert all(member.spec is ensemble.members[0].spec for member in ensemble.members)

@@ -102,7 +102,8 @@ class ModelSpec:
         supports: ``{site: constraint}``, the support each site's token transform maps
             onto (the site's own, or ``constraints.real`` when it varies between draws).
         parents: bool (num_tokens, num_tokens), ``[i, j]`` True when token j is a direct
-            parent of token i.
+            parent of token i (``None`` in the spec of a query at new arguments whose mask
+            follows the training graph's node-level rule: the graph is not extracted again).
         attention_mask: bool (num_tokens, num_tokens), True where token i may attend to j.
         has_children: ``{site: bool}``: parameters (True) and data (False).
         data_sites: the sites the posterior and likelihood training masks treat as data.
@@ -116,7 +117,7 @@ class ModelSpec:
     options: ModelOptions
     layout: TokenLayout
     supports: Mapping
-    parents: np.ndarray
+    parents: np.ndarray | None
     attention_mask: np.ndarray
     has_children: Mapping[str, bool]
     data_sites: tuple[str, ...]
