@@ -28,6 +28,7 @@ from numpyro_simformer.tokens.layout import TokenLayout
 from numpyro_simformer.inference.rejection import SUPPORT_STREAM, draws_in_support
 from numpyro_simformer.model.sites import SiteInfo
 from numpyro_simformer.tokens.transforms import DiscreteRound, IntervalClip, IntervalReflect, fit_token_transform, site_bijection
+from numpyro_simformer.io.serialization import RECORD_DIGEST, seal_record
 
 
 def _site(name, distribution, shape=()):
@@ -152,7 +153,7 @@ def reflecting_fit(rejecting_fit, tmp_path_factory):
     rejecting_fit.save(path)
     record = json.loads((path / "simformer.json").read_text())
     record["options"]["interval_sites"] = "reflect"
-    (path / "simformer.json").write_text(json.dumps(record))
+    (path / "simformer.json").write_text(json.dumps(seal_record(record)))  # an edit on purpose: sealed again
     return Simformer.load(path, edge_model)
 
 
@@ -252,7 +253,8 @@ def test_reject_mode_survives_save_and_load(rejecting_fit, rng_key, tmp_path):
     first = rejecting_fit.sample(rng_key, observed=observed, num_samples=256)
     second = loaded.sample(rng_key, observed=observed, num_samples=256)
     np.testing.assert_array_equal(first.posterior["theta"].values, second.posterior["theta"].values)
-    # A checkpoint written before the option existed has no such field: it was "transform".
-    del record["options"]["interval_sites"]
+    # A checkpoint written before the option existed (format 1, unsealed) has no such field: it was "transform".
+    del record["options"]["interval_sites"], record[RECORD_DIGEST]
+    record["format_version"] = 1
     (tmp_path / "reject" / "simformer.json").write_text(json.dumps(record))
     assert Simformer.load(tmp_path / "reject", edge_model).interval_sites == "transform"
