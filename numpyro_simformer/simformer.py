@@ -43,7 +43,7 @@ from numpyro_simformer.nn import NetworkConfig
 from numpyro_simformer.samplers import EulerMaruyama, GuidedEulerMaruyama, ProbabilityFlowODE
 from numpyro_simformer.samplers.guidance import GaussianIntervalGuidance
 from numpyro_simformer.training.state import FittedState
-from numpyro_simformer.tokens.transforms import INTERVAL_SITES, IntervalReflect, TokenTransform, warn_extrapolation
+from numpyro_simformer.tokens.transforms import INTERVAL_SITES, IntervalReflect, warn_extrapolation
 from numpyro_simformer.training.fit import fit_state
 from numpyro_simformer.training.loop import TrainingConfig
 from numpyro_simformer.training.parallel import resolve_devices
@@ -372,7 +372,7 @@ class Simformer:
                 spec, transform = state.spec, state.transform
             else:
                 spec = state.spec.at(model_kwargs)
-                transform = _transform_for(state.transform, state.spec.layout, spec.layout)
+                transform = state.transform.on_layout(spec.layout)
             self._spaces[cache_key] = QuerySpace(spec, transform, state.graphdef, state.constants, state.sde,
                                                  self.points_per_dim)
         return self._spaces[cache_key]
@@ -572,11 +572,3 @@ def _bounded_latent(space: QuerySpace, condition_mask) -> str:
     site_index = space.layout.site_of_token()
     names = dict.fromkeys(space.layout.sites[site_index[token]].name for token in np.flatnonzero(bounded))
     return "latent bounded sites " + ", ".join(repr(name) for name in names)
-
-
-def _transform_for(transform: TokenTransform, trained_layout, layout) -> TokenTransform:
-    """The training transform over a query's layout: each token takes its node's statistics."""
-    node_mean = np.zeros(trained_layout.num_nodes, np.float32)
-    node_std = np.ones(trained_layout.num_nodes, np.float32)
-    node_mean[trained_layout.node_ids], node_std[trained_layout.node_ids] = transform.mean, transform.std
-    return TokenTransform(layout, transform.bijections, node_mean[layout.node_ids], node_std[layout.node_ids])

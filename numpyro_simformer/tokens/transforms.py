@@ -305,6 +305,14 @@ class TokenTransform:
         """Unconstrained (..., num_tokens) -> constrained; discrete sites rounded and clipped."""
         return self._per_site(unconstrained, lambda bijection, value, site: bijection(value))
 
+    def on_layout(self, layout: TokenLayout) -> "TokenTransform":
+        """This transform over another layout of the same sites (a query at new coordinates or
+        plate sizes): each token takes the z-scoring statistics of its node."""
+        node_mean = np.zeros(self.layout.num_nodes, np.float32)
+        node_std = np.ones(self.layout.num_nodes, np.float32)
+        node_mean[self.layout.node_ids], node_std[self.layout.node_ids] = self.mean, self.std
+        return TokenTransform(layout, self.bijections, node_mean[layout.node_ids], node_std[layout.node_ids])
+
     @cached_property
     def to_z_fn(self):
         """:meth:`to_z`, jitted once per transform: repeated queries compile nothing."""
