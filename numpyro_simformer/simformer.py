@@ -99,6 +99,15 @@ class Simformer:
             restricted to the support) and :meth:`log_prob` renormalised. For posteriors
             cut off by a bound; which is better depends on the model, measured in
             ``docs/bounded-sites.md``. Every returned value lies in the support.
+        elements_per_token: how many elements of a site share one token. ``None``
+            (default): a site of more than 32 elements is cut into at most 32 tokens
+            (``ceil(size / 32)`` elements each, elements with the same parents side by
+            side), smaller sites keep one element per token; an int for every site; or
+            ``{site: k}`` for some sites (the others automatic). Grouping changes the cost
+            of training and queries (attention over fewer tokens), never what a query
+            means: observed, missing and interval elements inside a token work as before.
+            Models with ``coordinates`` or ``exchangeable`` dims keep one element per
+            token. See ``docs/high-dimensional.md``.
         progress_bar: show progress bars for simulation, training (loss, steps/s, time
             left) and sampling (when a query takes several jitted calls).
 
@@ -130,6 +139,7 @@ class Simformer:
         exchangeable: Sequence[str] = (),
         points_per_dim: int = 20,
         interval_sites: str = "transform",
+        elements_per_token: int | Mapping[str, int] | None = None,
         progress_bar: bool = True,
     ):
         if not callable(model):
@@ -141,6 +151,7 @@ class Simformer:
         self.model_options = ModelOptions(
             attention=attention, parents=parents, token_sites=token_sites, exclude_sites=exclude_sites,
             data_sites=data_sites, coordinates=coordinates, exchangeable=exchangeable,
+            elements_per_token=elements_per_token,
         )
         self.model = model
         self.num_simulations = int(num_simulations)

@@ -26,6 +26,7 @@ from numpyro_simformer.model.spec import ModelSpec
 from numpyro_simformer.model.variable import variable_token_mask
 from numpyro_simformer.samplers.guidance import build_interval_score_fn
 from numpyro_simformer.tokens.transforms import TokenTransform
+from numpyro_simformer.training.state import spec_denoiser_fn
 
 __all__ = ["QuerySpace", "build_sample_fn", "draw_z", "split_plan"]
 
@@ -82,11 +83,7 @@ class QuerySpace:
 
     @cached_property
     def denoiser_fn(self):
-        from numpyro_simformer.nn import build_denoiser_fn
-
-        layout = self.layout
-        return build_denoiser_fn(self.graphdef, self.constants, layout.node_ids, layout.coordinates,
-                                 self.spec.attention_mask)
+        return spec_denoiser_fn(self.graphdef, self.constants, self.spec)
 
     @cached_property
     def score_fn(self):

@@ -5,7 +5,8 @@ A Simformer checkpoint is a directory with two parts and no pickle:
 - ``simformer.json``: everything that is not a network weight, as plain JSON: the format
   version and library version, the token layout (site names, shapes, event dims, dims,
   discrete flags, supports, node ids, coordinates), the parents graph, the attention
-  mask, the data mask, the z-scoring mean and standard deviation, the options given to
+  mask, the data mask, the token grouping (which elements share a token, and the tokens'
+  attention mask) when there is one, the z-scoring mean and standard deviation, the options given to
   the constructor (configurations are stored as their type name and fields), the
   training history, the simulation info, and a SHA-256 digest of the weights.
 - ``arrays/``: the network's parameters and its fixed constants, written by Orbax.
@@ -44,8 +45,8 @@ from numpyro_simformer.model.graph import element_parents
 from numpyro_simformer.model.simulate import SimulationInfo, simulate
 from numpyro_simformer.model.sites import SiteInfo, read_sites, trace_model
 from numpyro_simformer.model.spec import ModelOptions, ModelSpec
-from numpyro_simformer.nn import SimformerNetwork
-from numpyro_simformer.training.state import FittedState
+from numpyro_simformer.training.state import FittedState, network_for_spec
+from numpyro_simformer.tokens.grouping import TokenGrouping
 from numpyro_simformer.tokens.layout import TokenLayout
 from numpyro_simformer.tokens.transforms import TokenTransform, site_bijection
 from numpyro_simformer.training.loop import TrainingHistory
@@ -108,6 +109,7 @@ def _options_record(sf) -> dict:
         "data_sites": None if options.data_sites is None else list(options.data_sites),
         "simulation_chunk_size": sf.simulation_chunk_size,
         "interval_sites": sf.interval_sites,
+        "elements_per_token": options.elements_per_token,
         "progress_bar": sf.progress_bar,
     }
 
@@ -130,8 +132,23 @@ def _options_from_record(record: dict) -> dict:
         "data_sites": record["data_sites"],
         "simulation_chunk_size": record["simulation_chunk_size"],
         "interval_sites": record.get("interval_sites", "transform"),  # absent before the option existed
+        "elements_per_token": record.get("elements_per_token"),  # absent before grouping: None reads the same
         "progress_bar": record["progress_bar"],
     }
+
+
+def _grouping_from_record(record: dict | None, where: str) -> TokenGrouping | None:
+    if record is None:
+        return None
+    try:
+        members = decode_array(record["members"]).astype(np.int32)
+        mask = decode_bool_matrix(record["attention_mask"])
+        per_token = {str(name): int(k) for name, k in record["elements_per_token"].items()}
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        raise CheckpointError(f"{where}: its grouping record is garbled ({type(error).__name__}: {error}).") from None
+    if members.ndim != 2 or mask.shape != (members.shape[0],) * 2:
+        raise CheckpointError(f"{where}: its grouping has {members.shape} members but a {mask.shape} attention mask.")
+    return TokenGrouping(members=members, attention_mask=mask, elements_per_token=per_token)
 
 
 def save_simformer(sf, path, *, overwrite: bool = False) -> pathlib.Path:
@@ -185,6 +202,12 @@ def save_simformer(sf, path, *, overwrite: bool = False) -> pathlib.Path:
         "data_mask": encode_bool_matrix(np.asarray(spec.data_mask)[None])[0],
         "has_children": {name: bool(value) for name, value in spec.has_children.items()},
     }
+    if spec.grouping is not None:  # the tokens the network was trained on: stored, never recomputed
+        record["grouping"] = {
+            "members": encode_array(spec.grouping.members),
+            "attention_mask": encode_bool_matrix(spec.grouping.attention_mask),
+            "elements_per_token": dict(spec.grouping.elements_per_token),
+        }
     record["transform"] = {"mean": encode_array(state.transform.mean), "std": encode_array(state.transform.std)}
     record["history"] = encode_named_tuple(state.history)
     record["simulation_info"] = encode_named_tuple(state.simulation_info)
@@ -328,7 +351,9 @@ def read_checkpoint(path, model: Callable, model_args: tuple = (), model_kwargs:
         raise CheckpointError(f"{where}: {_METADATA_FILE} lacks or garbles a field ({type(error).__name__}: {error}).") from None
 
     model_options = ModelOptions(**{name: options[name] for name in
-                                    ("attention", "parents", "token_sites", "exclude_sites", "data_sites")})
+                                    ("attention", "parents", "token_sites", "exclude_sites", "data_sites",
+                                     "elements_per_token")})
+    grouping = _grouping_from_record(record.get("grouping"), where)
     trace = trace_model(jax.random.key(0), model, model_args, model_kwargs)
     model_sites = {site.name: site for site in read_sites(trace)}
     _check_sites(model_sites, stored_sites, options, where)
@@ -356,10 +381,12 @@ def read_checkpoint(path, model: Callable, model_args: tuple = (), model_kwargs:
     spec = ModelSpec(model=model, model_args=tuple(model_args), model_kwargs=model_kwargs, options=model_options,
                      layout=layout, supports=supports, parents=parents, attention_mask=attention_mask,
                      has_children={name: bool(value) for name, value in graph["has_children"].items()},
-                     data_sites=data_sites)
+                     data_sites=data_sites, grouping=grouping)
     if not np.array_equal(spec.data_mask, data_mask):
         raise CheckpointError(f"{where}: its data mask covers parts of sites; it was not written by `save`.")
-    abstract = nnx.eval_shape(lambda: SimformerNetwork(layout.num_nodes, options["network"], rngs=nnx.Rngs(params=0)))
+    if grouping is not None and (grouping.members.max() >= num_tokens or grouping.num_elements != num_tokens):
+        raise CheckpointError(f"{where}: its grouping does not cover the layout's {num_tokens} elements once each.")
+    abstract = nnx.eval_shape(lambda: network_for_spec(spec, options["network"], nnx.Rngs(params=0)))
     graphdef, abstract_params, abstract_constants = nnx.split(abstract, nnx.Param, ...)
     restored = restore_arrays(path / _ARRAYS_DIR, {"params": abstract_params, "constants": abstract_constants},
                                arrays, where)

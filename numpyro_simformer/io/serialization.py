@@ -165,11 +165,13 @@ def decode_array(record: dict) -> np.ndarray:
 
 def encode_bool_matrix(matrix) -> list[str]:
     """A bool matrix as one string of ``0``/``1`` per row: compact and readable."""
-    return ["".join("1" if entry else "0" for entry in row) for row in np.asarray(matrix, dtype=bool)]
+    digits = np.asarray(matrix, dtype=bool).astype(np.uint8) + ord("0")
+    return [row.tobytes().decode("ascii") for row in np.atleast_2d(digits)]
 
 
 def decode_bool_matrix(rows: list[str]) -> np.ndarray:
-    return np.array([[character == "1" for character in row] for row in rows], dtype=bool).reshape(len(rows), -1)
+    return np.array([np.frombuffer(row.encode("ascii"), np.uint8) == ord("1") for row in rows],
+                    dtype=bool).reshape(len(rows), -1)
 
 
 def encode_named_tuple(value) -> dict:

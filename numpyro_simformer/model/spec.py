@@ -34,6 +34,7 @@ from numpyro_simformer.model.variable import (
     variable_layout,
     variable_token_mask,
 )
+from numpyro_simformer.tokens.grouping import TokenGrouping, group_tokens, resolve_elements_per_token
 from numpyro_simformer.tokens.layout import TokenLayout
 from numpyro_simformer.tokens.transforms import constant_support
 
@@ -57,6 +58,7 @@ class ModelOptions:
     data_sites: tuple[str, ...] | None = None
     coordinates: Mapping[str, str] | None = None
     exchangeable: tuple[str, ...] = ()
+    elements_per_token: int | Mapping[str, int] | None = None
 
     def __post_init__(self):
         if isinstance(self.attention, str) and self.attention not in ATTENTION_KINDS:
@@ -68,6 +70,11 @@ class ModelOptions:
                             f"{type(self.coordinates).__name__}.")
         if isinstance(self.exchangeable, str):
             raise TypeError("`exchangeable` takes a list of plate names, not a string.")
+        per_token = self.elements_per_token
+        if per_token is not None and not isinstance(per_token, Mapping) and (
+                isinstance(per_token, bool) or not isinstance(per_token, (int, np.integer)) or per_token < 1):
+            raise TypeError(f"`elements_per_token` must be None (automatic), a positive int or a dict "
+                            f"{{site: positive int}}, got {per_token!r}.")
         normalised = {
             "parents": None if self.parents is None else np.asarray(self.parents, dtype=bool),
             "token_sites": None if self.token_sites is None else tuple(self.token_sites),
@@ -75,6 +82,7 @@ class ModelOptions:
             "data_sites": None if self.data_sites is None else tuple(self.data_sites),
             "coordinates": dict(self.coordinates or {}),
             "exchangeable": tuple(self.exchangeable),
+            "elements_per_token": dict(per_token) if isinstance(per_token, Mapping) else per_token,
         }
         for name, value in normalised.items():
             object.__setattr__(self, name, value)
@@ -109,6 +117,9 @@ class ModelSpec:
         data_sites: the sites the posterior and likelihood training masks treat as data.
         variable_dims: the variable-size dims, or ``None``.
         coordinate_scales: ``{dim: (offset, scale)}`` of coordinate dims, or ``None``.
+        grouping: the network's :class:`~numpyro_simformer.tokens.grouping.TokenGrouping`
+            when some token holds several elements, else ``None`` (one element per token).
+            ``layout``, ``parents`` and ``attention_mask`` stay element by element.
     """
 
     model: Callable
@@ -123,6 +134,7 @@ class ModelSpec:
     data_sites: tuple[str, ...]
     variable_dims: VariableDims | None = None
     coordinate_scales: Mapping | None = None
+    grouping: TokenGrouping | None = None
 
     @property
     def data_mask(self) -> np.ndarray:
@@ -242,9 +254,14 @@ def read_model_spec(rng_key, model: Callable, model_args: tuple = (), model_kwar
         if unknown:
             raise ValueError(f"`data_sites` names {unknown}, which are not token sites {layout.site_names}.")
         data_sites = tuple(options.data_sites)
+    # Grouping needs a fixed layout: every site keeps one element per token in a model with variable-size dims.
+    per_token = resolve_elements_per_token(layout, options.elements_per_token,
+                                           ungrouped=None if variable is None else "the model has coordinate or "
+                                           "exchangeable dims; grouping supports models of fixed-size sites only")
     return ModelSpec(model=model, model_args=model_args, model_kwargs=model_kwargs, options=options, layout=layout,
                      supports=supports, parents=parents, attention_mask=mask, has_children=has_children,
-                     data_sites=data_sites, variable_dims=variable, coordinate_scales=scales)
+                     data_sites=data_sites, variable_dims=variable, coordinate_scales=scales,
+                     grouping=group_tokens(layout, parents, mask, per_token))
 
 
 def _graph(rng_key, model, model_args, model_kwargs, options: ModelOptions, layout: TokenLayout) -> np.ndarray:

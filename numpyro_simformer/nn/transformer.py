@@ -8,6 +8,12 @@ sum of learned linear embeddings is what the reference's concatenation followed 
 first linear layer computes, with one layer fewer. Diffusion time enters every block's MLP
 through Fourier features, as in the reference. There is no positional encoding.
 
+A token may hold several elements of one site (``slots`` > 1, see
+:mod:`numpyro_simformer.tokens.grouping`): the network then reads the element vector,
+gathers each token's ``slots`` values and observed flags (both embedded by learned linear
+maps of width ``slots``), and its head predicts ``slots`` values per token, scattered back
+to the elements. Everything outside the network stays element by element.
+
 Outside this module the network is a pure function (``build_denoiser_fn``) over its
 parameter state: ``nnx.split`` once, ``nnx.merge`` inside the traced function.
 """
@@ -91,16 +97,20 @@ class SimformerNetwork(nnx.Module):
         config: a :class:`NetworkConfig`.
         variable_size: the model has coordinate or exchangeable dims (sizes that change
             between training and queries).
+        slots: elements per token (the most of any token of a
+            :class:`~numpyro_simformer.tokens.grouping.TokenGrouping`; 1 without grouping).
         rngs: ``nnx.Rngs`` for the initialisation.
     """
 
     def __init__(self, num_nodes: int, config: NetworkConfig = NetworkConfig(), *, variable_size: bool = False,
-                 rngs: nnx.Rngs):
+                 slots: int = 1, rngs: nnx.Rngs):
         width = config.width
+        self.slots = int(slots)
         self.node_embedding = nnx.Embed(num_nodes, width, rngs=rngs)
-        self.value_embedding = nnx.Linear(1, width, rngs=rngs)
+        self.value_embedding = nnx.Linear(self.slots, width, rngs=rngs)
+        # one learned vector per slot, added where that slot's element is observed
         self.condition_embedding = nnx.Param(
-            jax.random.normal(rngs.params(), (width,)) * 0.5
+            jax.random.normal(rngs.params(), (width,) if self.slots == 1 else (self.slots, width)) * 0.5
         )
         # Coordinates are rescaled to [0, 1] over the training range (variable.py): a few
         # cycles across the range resolve a time series' features.
@@ -122,9 +132,10 @@ class SimformerNetwork(nnx.Module):
         self.time_mlp = nnx.Linear(config.num_time_features, width, rngs=rngs)
         self.blocks = nnx.List([_Block(config, rngs) for _ in range(config.num_layers)])
         self.output_norm = nnx.LayerNorm(width, rngs=rngs)
-        self.output = nnx.Linear(width, 1, rngs=rngs)
+        self.output = nnx.Linear(width, self.slots, rngs=rngs)
 
-    def __call__(self, values, time, condition_mask, node_ids, coordinates, attention_mask, present=None):
+    def __call__(self, values, time, condition_mask, node_ids, coordinates, attention_mask, present=None,
+                 members=None, positions=None):
         """Predicted noise for every token.
 
         Args:
@@ -138,10 +149,17 @@ class SimformerNetwork(nnx.Module):
                 attend to token j; or (batch, num_tokens, num_tokens).
             present: optional (batch, num_tokens) bool, False for padding tokens (training
                 on random subsets of variable-size dims); padding counts for no node.
+            members, positions: a grouping's (num_tokens, slots) element indices (-1 in
+                unused slots) and each element's position in the flattened token output
+                (``TokenGrouping.element_positions``). ``values`` and ``condition_mask``
+                are then (batch, num_elements), and so is the result.
 
         Returns:
-            (batch, num_tokens) predicted noise.
+            (batch, num_tokens) predicted noise, or (batch, num_elements) with ``members``.
         """
+        if members is not None:
+            return self._grouped(values, time, condition_mask, node_ids, coordinates, attention_mask, members,
+                                 positions)
         features = _fourier_features(coordinates, self.coordinate_frequencies[...])
         if self.variable_size:  # the coordinate itself, and its features
             features = jnp.concatenate([coordinates[..., None], features], axis=-1)
@@ -159,6 +177,10 @@ class SimformerNetwork(nnx.Module):
             + condition_mask[..., None].astype(values.dtype) * self.condition_embedding[...]
             + (coordinate_tokens[None] if coordinates.ndim == 1 else coordinate_tokens)
         )
+        return self._transform(tokens, time, attention_mask)[..., 0]
+
+    def _transform(self, tokens, time, attention_mask):
+        """The blocks and the head over embedded tokens: (batch, num_tokens, slots)."""
         time_embedding = jax.nn.gelu(
             self.time_mlp(_fourier_features(time, self.time_frequencies[...]))
         )
@@ -166,10 +188,26 @@ class SimformerNetwork(nnx.Module):
         h = tokens
         for block in self.blocks:
             h = block(h, time_embedding, mask)
-        return self.output(self.output_norm(h))[..., 0]
+        return self.output(self.output_norm(h))
+
+    def _grouped(self, values, time, condition_mask, node_ids, coordinates, attention_mask, members, positions):
+        used = members >= 0
+        gather = jnp.where(used, members, 0)
+        grouped_values = jnp.where(used, values[..., gather], 0.0)  # (batch, num_tokens, slots)
+        observed = (used & condition_mask[..., gather]).astype(values.dtype)
+        coordinate_tokens = self.coordinate_embedding(_fourier_features(coordinates, self.coordinate_frequencies[...]))
+        condition = self.condition_embedding[...]
+        tokens = (
+            self.node_embedding(node_ids)[None]
+            + self.value_embedding(grouped_values)
+            + observed @ (condition[None] if condition.ndim == 1 else condition)
+            + coordinate_tokens[None]
+        )
+        predicted = self._transform(tokens, time, attention_mask)
+        return predicted.reshape(predicted.shape[:-2] + (-1,))[..., positions]
 
 
-def build_denoiser_fn(graphdef, constants, node_ids, coordinates, attention_mask):
+def build_denoiser_fn(graphdef, constants, node_ids, coordinates, attention_mask, grouping=None):
     """A pure ``denoiser_fn(params, values, time, condition_mask) -> noise`` over the state.
 
     ``graphdef, params, constants = nnx.split(network, nnx.Param, ...)``; the trainable
@@ -179,7 +217,24 @@ def build_denoiser_fn(graphdef, constants, node_ids, coordinates, attention_mask
     arrays ((batch, num_tokens) and (batch, num_tokens, num_tokens)), and ``present``
     given: training on random subsets of a variable-size dim does so. ``node_ids`` may be
     overridden too (a query over a subset of the tokens).
+
+    With a :class:`~numpyro_simformer.tokens.grouping.TokenGrouping` the function still maps
+    element vectors to element vectors; the network's tokens are the grouping's (their node
+    ids ``0 .. num_tokens - 1``, coordinate 0, the grouping's attention mask), and
+    ``node_ids``, ``coordinates`` and ``attention_mask`` are the grouping's business.
     """
+    if grouping is not None:
+        members, positions = jnp.asarray(grouping.members), jnp.asarray(grouping.element_positions())
+        token_ids = jnp.arange(grouping.num_tokens, dtype=jnp.int32)
+        token_coordinates = jnp.zeros(grouping.num_tokens, jnp.float32)
+        token_mask = jnp.asarray(grouping.attention_mask, dtype=bool)
+
+        def grouped_denoiser_fn(params, values, time, condition_mask):
+            network = nnx.merge(graphdef, params, constants)
+            return network(values, time, condition_mask, token_ids, token_coordinates, token_mask,
+                           members=members, positions=positions)
+
+        return grouped_denoiser_fn
     node_ids = jnp.asarray(node_ids)
     coordinates = jnp.asarray(coordinates, dtype=jnp.float32)
     attention_mask = jnp.asarray(attention_mask, dtype=bool)

@@ -24,8 +24,8 @@ from numpyro_simformer.diffusion.masks import ConditionMaskDistribution
 from numpyro_simformer.model.simulate import SimulationInfo
 from numpyro_simformer.model.spec import ModelSpec
 from numpyro_simformer.model.variable import Subsampler
-from numpyro_simformer.nn import NetworkConfig, SimformerNetwork, build_denoiser_fn
-from numpyro_simformer.training.state import FittedState
+from numpyro_simformer.nn import NetworkConfig
+from numpyro_simformer.training.state import FittedState, network_for_spec, spec_denoiser_fn
 from numpyro_simformer.tokens.transforms import tokens_to_z
 from numpyro_simformer.training.loop import TrainingConfig, train
 
@@ -83,9 +83,8 @@ def fit_state(rng_key, spec: ModelSpec, draws: dict[str, np.ndarray], info: Simu
             stacklevel=3,
         )
     key_init, key_train = jax.random.split(rng_key)
-    model = SimformerNetwork(layout.num_nodes, network, variable_size=variable_size, rngs=nnx.Rngs(params=key_init))
-    graphdef, params, constants = nnx.split(model, nnx.Param, ...)
-    denoiser_fn = build_denoiser_fn(graphdef, constants, layout.node_ids, layout.coordinates, spec.attention_mask)
+    graphdef, params, constants = nnx.split(network_for_spec(spec, network, nnx.Rngs(params=key_init)), nnx.Param, ...)
+    denoiser_fn = spec_denoiser_fn(graphdef, constants, spec)
     subsample, data_mask = None, spec.data_mask
     if variable_size:  # train on random subsets: the subset's node ids
         subsample = Subsampler.build(layout, spec.variable_dims, spec.attention_mask, points_per_dim)
@@ -96,7 +95,7 @@ def fit_state(rng_key, spec: ModelSpec, draws: dict[str, np.ndarray], info: Simu
         key_train, build_example_losses_fn(denoiser_fn, sde), params, data, data_mask, training, condition_masks,
         progress_bar=progress_bar,
         checkpoint_tag=repr((layout.labels, network, variable_size, sde, np.packbits(spec.attention_mask).tobytes(),
-                             points_per_dim)),
+                             points_per_dim, None if spec.grouping is None else spec.grouping.members.tobytes())),
         subsample=subsample,
     )
     return FittedState(spec=spec, transform=transform, network=network, sde=sde, graphdef=graphdef,

@@ -18,11 +18,27 @@ from typing import Any
 from numpyro_simformer.diffusion.score import build_score_fn
 from numpyro_simformer.model.simulate import SimulationInfo
 from numpyro_simformer.model.spec import ModelSpec
-from numpyro_simformer.nn import NetworkConfig, build_denoiser_fn
+from numpyro_simformer.nn import NetworkConfig, SimformerNetwork, build_denoiser_fn
 from numpyro_simformer.tokens.transforms import TokenTransform
 from numpyro_simformer.training.loop import TrainingHistory
 
-__all__ = ["FittedState"]
+__all__ = ["FittedState", "network_for_spec", "spec_denoiser_fn"]
+
+
+def network_for_spec(spec: ModelSpec, config: NetworkConfig, rngs) -> SimformerNetwork:
+    """A new :class:`SimformerNetwork` for ``spec``'s tokens: one per element, or the grouping's."""
+    grouping = spec.grouping
+    if grouping is None:
+        return SimformerNetwork(spec.layout.num_nodes, config, variable_size=spec.variable_dims is not None,
+                                rngs=rngs)
+    return SimformerNetwork(grouping.num_tokens, config, slots=grouping.slots, rngs=rngs)
+
+
+def spec_denoiser_fn(graphdef, constants, spec: ModelSpec):
+    """:func:`~numpyro_simformer.nn.build_denoiser_fn` over ``spec``'s layout (and grouping)."""
+    layout = spec.layout
+    return build_denoiser_fn(graphdef, constants, layout.node_ids, layout.coordinates, spec.attention_mask,
+                             grouping=spec.grouping)
 
 
 @dataclass(frozen=True, eq=False)
@@ -56,9 +72,7 @@ class FittedState:
     @cached_property
     def denoiser_fn(self):
         """Pure ``denoiser_fn(params, values, time, condition_mask, ...)`` over the spec's layout."""
-        layout = self.spec.layout
-        return build_denoiser_fn(self.graphdef, self.constants, layout.node_ids, layout.coordinates,
-                                 self.spec.attention_mask)
+        return spec_denoiser_fn(self.graphdef, self.constants, self.spec)
 
     @cached_property
     def score_fn(self):
