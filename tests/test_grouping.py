@@ -1,0 +1,167 @@
+"""Several elements per token: which elements share a token, the token masks, and that
+grouping changes the cost of a query, never its answer."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import numpyro.distributions as dist
+import pytest
+
+from numpyro_simformer import NetworkConfig, Simformer, TrainingConfig
+from numpyro_simformer.diagnostics import c2st_fast
+from numpyro_simformer.diagnostics.c2st import c2st_null_std
+from numpyro_simformer.tokens.grouping import AUTO_GROUPING_THRESHOLD
+
+from helpers import TINY
+
+
+def elementwise_model(size=20):
+    """x[i] depends on theta[i] only."""
+    theta = numpyro.sample("theta", dist.Normal(0, 1).expand([size]).to_event(1))
+    numpyro.sample("x", dist.Normal(theta, 1.0).to_event(1))
+
+
+def distractor_model():
+    """x[j] for odd j depends on theta; the even ones depend on nothing (distractors)."""
+    theta = numpyro.sample("theta", dist.Normal(0, 1))
+    noise = numpyro.sample("noise", dist.Normal(0, 1).expand([12]).to_event(1))
+    numpyro.sample("x", dist.Normal(jnp.where(jnp.arange(12) % 2 == 1, theta, 0.0), 1.0).to_event(1))
+
+
+# --- which elements share a token ----------------------------------------------------------
+
+
+def test_small_sites_keep_one_element_per_token(rng_key):
+    spec = Simformer(elementwise_model, **TINY).read_model(rng_key)
+    assert spec.grouping is None
+
+
+@pytest.mark.parametrize("size", [AUTO_GROUPING_THRESHOLD + 1, 100, 1_000])
+def test_large_sites_are_grouped_into_at_most_the_threshold_in_tokens(rng_key, size):
+    def model():
+        theta = numpyro.sample("theta", dist.Normal(0, 1).expand([2]).to_event(1))
+        numpyro.sample("x", dist.Normal(theta[0] + theta[1] * jnp.linspace(0, 1, size), 1.0).to_event(1))
+
+    grouping = Simformer(model, **TINY).read_model(rng_key).grouping
+    k = -(-size // AUTO_GROUPING_THRESHOLD)
+    assert grouping.elements_per_token == {"theta": 1, "x": k}
+    assert grouping.num_tokens == 2 + -(-size // k) <= 2 + AUTO_GROUPING_THRESHOLD
+    members = grouping.members[grouping.members >= 0]
+    np.testing.assert_array_equal(np.sort(members), np.arange(2 + size))  # every element once
+    # iid elements with the same parents: C order, runs of k
+    np.testing.assert_array_equal(grouping.members[2, :k], 2 + np.arange(k))
+
+
+def test_elements_per_token_overrides_per_site_and_for_all(rng_key):
+    per_site = Simformer(elementwise_model, elements_per_token={"x": 4}, **TINY).read_model(rng_key).grouping
+    assert per_site.elements_per_token == {"theta": 1, "x": 4}
+    assert per_site.num_tokens == 20 + 5 and per_site.slots == 4
+    everywhere = Simformer(elementwise_model, elements_per_token=5, **TINY).read_model(rng_key).grouping
+    assert everywhere.elements_per_token == {"theta": 5, "x": 5} and everywhere.num_tokens == 8
+    off = Simformer(elementwise_model, elements_per_token=1, **TINY).read_model(rng_key)
+    assert off.grouping is None
+    whole = Simformer(elementwise_model, elements_per_token={"x": 1_000}, **TINY).read_model(rng_key).grouping
+    assert whole.elements_per_token["x"] == 20 and whole.num_tokens == 21  # clipped to the site
+
+
+@pytest.mark.parametrize("value, match", [({"y": 2}, "not token sites"), ({"x": 0}, "positive int"),
+                                          ({"x": 2.5}, "positive int")])
+def test_bad_elements_per_token_names_the_site(rng_key, value, match):
+    with pytest.raises(ValueError, match=match):
+        Simformer(elementwise_model, elements_per_token=value, **TINY).read_model(rng_key)
+
+
+def test_elements_per_token_of_the_wrong_type_is_refused():
+    with pytest.raises(TypeError, match="elements_per_token"):
+        Simformer(elementwise_model, elements_per_token="x", **TINY)
+
+
+def test_a_model_with_variable_dims_is_not_grouped(rng_key):
+    def series(t):
+        theta = numpyro.sample("theta", dist.Normal(0, 1))
+        with numpyro.plate("time", len(t)):
+            numpyro.sample("x", dist.Normal(theta * t, 0.1))
+
+    t = jnp.linspace(0, 1, 50)
+    assert Simformer(series, coordinates={"time": "t"}, **TINY).read_model(rng_key, t=t).grouping is None
+    with pytest.raises(ValueError, match="coordinate or exchangeable"):
+        Simformer(series, coordinates={"time": "t"}, elements_per_token={"x": 5}, **TINY).read_model(rng_key, t=t)
+
+
+# --- masks from the element graph ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("attention", ["undirected", "directed"])
+def test_token_masks_follow_the_element_graph(rng_key, attention):
+    """x[i] depends on theta[i] only: token a of x attends to token a of theta and itself."""
+    spec = Simformer(elementwise_model, elements_per_token=5, attention=attention, **TINY).read_model(rng_key)
+    grouping = spec.grouping
+    np.testing.assert_array_equal(grouping.members[:4], np.arange(20).reshape(4, 5))
+    np.testing.assert_array_equal(grouping.members[4:], 20 + np.arange(20).reshape(4, 5))
+    expected = np.eye(8, dtype=bool)
+    expected[4 + np.arange(4), np.arange(4)] = True  # x token a reads theta token a
+    if attention == "undirected":
+        expected[np.arange(4), 4 + np.arange(4)] = True
+    np.testing.assert_array_equal(grouping.attention_mask, expected)
+
+
+def test_distractors_share_tokens_and_stay_unlinked(rng_key):
+    spec = Simformer(distractor_model, elements_per_token={"x": 3, "noise": 4}, **TINY).read_model(rng_key)
+    grouping = spec.grouping
+    x_start = spec.layout.slices()["x"].start
+    x_tokens = [row[row >= 0] - x_start for row in grouping.members if row[0] >= x_start]
+    # the six distractors (even j, no parents) first, then the six that read theta: never mixed
+    assert [list(token) for token in x_tokens] == [[0, 2, 4], [6, 8, 10], [1, 3, 5], [7, 9, 11]]
+    theta_token = 0
+    linked = grouping.attention_mask[theta_token]
+    x_rows = np.flatnonzero(grouping.members[:, 0] >= x_start)
+    assert list(linked[x_rows]) == [False, False, True, True]
+    assert not linked[1:x_rows[0]].any()  # the noise site reads nothing and is read by nothing
+
+
+# --- the network over grouped tokens -------------------------------------------------------
+
+
+def test_a_grouped_network_reads_only_the_elements_its_tokens_attend_to(rng_key):
+    """With elementwise attention, token a's output depends on the elements of the tokens it attends to."""
+    sf = Simformer(elementwise_model, elements_per_token=5, **TINY)
+    sf.fit(rng_key)
+    values = jax.random.normal(rng_key, (1, 40))
+    mask = jnp.zeros((1, 40), bool)
+    denoiser = lambda v: sf.state.denoiser_fn(sf.params, v, jnp.array([0.5]), mask)[0]
+    jacobian = np.asarray(jax.jacfwd(denoiser)(values[0][None].reshape(1, 40)).reshape(40, 40))
+    reads = np.abs(jacobian) > 0
+    element_token = np.empty(40, int)
+    for token, row in enumerate(sf.spec.grouping.members):
+        element_token[row[row >= 0]] = token
+    allowed = sf.spec.grouping.attention_mask[np.ix_(element_token, element_token)]
+    assert not (reads & ~allowed).any()
+    assert reads[20:25, 0:5].any() and not reads[20:25, 5:20].any()  # x token 0 reads theta token 0 only
+
+
+@pytest.mark.filterwarnings("ignore:Draws of")  # a network of 10 steps extrapolates
+def test_observed_elements_inside_a_token_are_returned_as_given(rng_key):
+    sf = Simformer(elementwise_model, elements_per_token=5, **TINY)
+    sf.fit(rng_key)
+    x = np.linspace(-1, 1, 20)
+    partly = x.copy()
+    partly[1::2] = np.nan  # every token of x partly observed
+    tree = sf.sample(rng_key, observed={"x": partly}, num_samples=7)
+    predicted = tree.posterior_predictive["x"].values.reshape(7, 20)
+    np.testing.assert_array_equal(predicted[:, ::2], np.broadcast_to(x[::2], (7, 10)))
+    assert np.isfinite(predicted[:, 1::2]).all() and np.ptp(predicted[:, 1::2], axis=0).min() > 0
+
+
+@pytest.mark.filterwarnings("ignore:Draws of")
+def test_a_grouped_checkpoint_loads_with_its_grouping_and_answers_identically(rng_key, tmp_path):
+    sf = Simformer(elementwise_model, elements_per_token={"x": 3}, **TINY)
+    sf.fit(rng_key)
+    sf.save(tmp_path / "grouped")
+    loaded = Simformer.load(tmp_path / "grouped", elementwise_model)
+    np.testing.assert_array_equal(loaded.spec.grouping.members, sf.spec.grouping.members)
+    np.testing.assert_array_equal(loaded.spec.grouping.attention_mask, sf.spec.grouping.attention_mask)
+    observed = {"x": np.linspace(-1, 1, 20)}
+    before = sf.sample(rng_key, observed=observed, num_samples=5).posterior["theta"].values
+    after = loaded.sample(rng_key, observed=observed, num_samples=5).posterior["theta"].values
+    np.testing.assert_array_equal(before, after)
