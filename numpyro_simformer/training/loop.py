@@ -474,15 +474,30 @@ def train(rng_key, example_losses_fn, params, data, data_mask, config: TrainingC
                    desc="training", unit="step")
     elapsed_before, start = loop.elapsed, _time.perf_counter()
     call_keys = jax.random.split(key_train, num_calls)
+    # Calls are dispatched asynchronously: a loop that never waits runs ahead of the device
+    # by up to a validation interval, its bar and clock count dispatched steps, and the wait
+    # at the next validation looks like a slow validation. It waits for each call's
+    # predecessor instead: one call queued behind the running one keeps the device busy,
+    # and the bar, ``max_time`` and the elapsed times follow executed steps.
+    in_flight = None
+
+    def wait_for(losses):
+        if losses is not None:
+            jax.block_until_ready(losses)
+            if bar is not None:
+                bar.update(config.steps_per_call)
+
     for call in range(calls_done, num_calls):
         state, losses = train_fn(state, call_keys[call], call_data(call_keys[call]))
         calls_done = call + 1
         recent.append(losses)
-        if bar is not None:
-            bar.update(config.steps_per_call)
+        wait_for(in_flight)
+        in_flight = losses
         last_call = call == num_calls - 1
         out_of_time = config.max_time is not None and elapsed_before + _time.perf_counter() - start > config.max_time
         if (call + 1) % interval == 0 or last_call or out_of_time:
+            wait_for(in_flight)
+            in_flight = None
             train_loss = float(jnp.mean(jnp.concatenate(recent)))
             if not np.isfinite(train_loss):
                 raise FloatingPointError(
