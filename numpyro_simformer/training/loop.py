@@ -88,7 +88,10 @@ class TrainingConfig:
             rate (10 %) when the time is up, or at ``max_steps`` if that comes first
             (:func:`budget_schedule`). The loop measures its pace (seconds per jitted call)
             and plans its last call to end as near ``max_time`` as it can, within half a
-            call. Plateau reductions and early stopping apply on top, as without a budget.
+            call; if the time is up before a call was planned last (compilation took the
+            budget), one more call decays to the final rate. The final validation (with
+            the validation's one-time compilation when none ran before) comes on top.
+            Plateau reductions and early stopping apply on top, as without a budget.
         checkpoint_dir: optional folder for periodic training checkpoints. When it holds a
             checkpoint of the same run (same key, simulations and configuration), training
             resumes from it and ends in the state an uninterrupted run would reach; a
