@@ -87,8 +87,8 @@ def tiny(**training):
     return Simformer(
         model, num_simulations=200,
         network=NetworkConfig(width=8, num_layers=1, num_heads=1, mlp_width=16, num_time_features=8),
-        training=TrainingConfig(batch_size=16, steps_per_call=5, validation_interval=10, warmup_steps=5,
-                                max_steps=400, **training),
+        training=TrainingConfig(**(dict(batch_size=16, steps_per_call=5, validation_interval=10, warmup_steps=5,
+                                        max_steps=400) | training)),
         progress_bar=False,
     )
 
@@ -186,3 +186,143 @@ def test_train_scores_the_resolved_validation_draws(monkeypatch, validation_draw
     tiny(validation_draws=validation_draws, patience=1, plateau_patience=1,
          max_plateau_reductions=0).fit(jax.random.key(0))
     assert seen == [expected]
+
+
+def test_the_progress_bar_counts_executed_steps(monkeypatch):
+    """Issue 32: the bar advanced as calls were dispatched (asynchronously), so the wait at
+    each validation for the queued steps looked like a slow validation. The loop waits for
+    each call's predecessor: when the bar counts a call, that call's losses are ready."""
+    import tqdm.auto
+
+    returned, unready = [], []
+
+    class Bar:
+        def __init__(self, *args, initial=0, **kwargs):
+            self.n = initial
+
+        def update(self, steps):
+            self.n += steps
+            losses = returned[self.n // 5 - 1]
+            if not losses.is_ready():
+                unready.append(self.n)
+
+        def set_postfix(self, **kwargs):
+            pass
+
+        def close(self):
+            pass
+
+    original = train_module.build_train_fn
+
+    def recording_build_train_fn(*args, **kwargs):
+        train_fn = original(*args, **kwargs)
+
+        def recorded(*inner):
+            state, losses = train_fn(*inner)
+            returned.append(losses)
+            return state, losses
+
+        return recorded
+
+    monkeypatch.setattr(train_module, "build_train_fn", recording_build_train_fn)
+    monkeypatch.setattr(tqdm.auto, "tqdm", Bar)
+    losses = train_module.train(
+        jax.random.key(0), lambda params, keys, x0, mask, structure=None: jnp.mean((x0 * params) ** 2, axis=1),
+        jnp.float32(1.0), np.random.default_rng(0).normal(size=(200, 3)), np.array([False, True, True]),
+        TrainingConfig(batch_size=8, steps_per_call=5, validation_interval=20, max_steps=60, warmup_steps=1),
+        ConditionMaskDistribution(), progress_bar=True)
+    assert len(returned) == 12 and unready == []
+    assert losses is not None
+
+
+def test_validation_compiles_once_per_fit(caplog):
+    """Validation after the first costs a forward pass, not a compilation: its jitted
+    function is traced once however many validations a fit runs."""
+    import logging
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING), jax.log_compiles():
+        sf = tiny(patience=None, plateau_patience=None, max_steps=50)
+        sf.fit(jax.random.key(0))
+    assert len(sf.history.step) == 5
+    compiled = [record.getMessage() for record in caplog.records if "Compiling" in record.getMessage()]
+    assert sum("evaluate" in message for message in compiled) == 1, compiled
+    assert sum("train_fn" in message for message in compiled) == 1, compiled
+
+
+# The time budget (issue 32): the schedule runs to the budget's end.
+
+def test_budget_schedule_decays_to_the_final_rate_at_the_budget_end():
+    config = TrainingConfig(learning_rate=1e-3, warmup_steps=100, decay_fraction=0.2, max_time=60.0)
+    rate = train_module.budget_schedule(config)
+    progress = np.linspace(0.0, 1.0, 1001)
+    after_warmup = rate(np.full(progress.shape, 10_000), progress)
+    np.testing.assert_allclose(after_warmup[progress <= 0.8], 1e-3, rtol=1e-12)  # constant
+    assert np.all(np.diff(after_warmup) <= 0.0)  # then a monotone decay...
+    np.testing.assert_allclose(after_warmup[-1], 1e-4, rtol=1e-12)  # ...that ends at 10 % at progress 1
+    np.testing.assert_allclose(rate(10_000, 0.9), 1e-3 * 0.55, rtol=1e-12)  # linear: halfway at 0.9
+    # the warm-up counts steps, as without a budget: 1 % at step 0, the peak from warmup_steps on
+    np.testing.assert_allclose(rate(np.array([0, 50, 100, 5_000]), 0.0), [1e-5, 1e-3 * 0.505, 1e-3, 1e-3])
+    # the step schedule has the same shape: at the same fraction of max_steps the same rate
+    steps = TrainingConfig(learning_rate=1e-3, warmup_steps=100, decay_fraction=0.2, max_steps=10_000)
+    schedule = train_module.build_schedule(steps)
+    for step in (50, 5_000, 8_500, 9_999):
+        np.testing.assert_allclose(float(schedule(step)), rate(step, step / 10_000), rtol=2e-3)
+    flat = TrainingConfig(learning_rate=1e-3, decay_fraction=0.0, max_time=60.0)
+    np.testing.assert_allclose(train_module.budget_schedule(flat)(10_000, 1.0), 1e-3)
+
+
+def _simulate_budget(config, call_seconds, first_call_seconds=0.0):
+    """Plan calls as the loop does on a machine whose calls take ``call_seconds``: the
+    progress and rate of every step, and the time the last call ends."""
+    rate = train_module.budget_schedule(config)
+    steps, rates, progress_all = 0, [], []
+    clock = first_call_seconds
+    while True:
+        progress, last = train_module.budget_progress(config, steps, clock, call_seconds)
+        rates.append(rate(steps + np.arange(config.steps_per_call), progress))
+        progress_all.append(progress)
+        steps += config.steps_per_call
+        clock += call_seconds
+        if last:
+            return np.concatenate(progress_all), np.concatenate(rates), clock, steps
+
+
+@pytest.mark.parametrize("call_seconds", [0.7, 0.33, 2.9])
+def test_a_budget_schedule_ends_at_the_final_rate_when_the_time_is_up(call_seconds):
+    config = TrainingConfig(learning_rate=1e-3, warmup_steps=200, max_time=300.0)
+    progress, rates, end, steps = _simulate_budget(config, call_seconds, first_call_seconds=8.0)
+    assert abs(end - 300.0) <= call_seconds / 2 + 1e-9  # the last call ends within half a call
+    assert np.all(np.diff(progress) >= 0) and progress[-1] == 1.0
+    np.testing.assert_allclose(rates[-1], 1e-4, rtol=1e-12)  # not cut off at the constant rate
+    after = rates[200:]
+    assert np.all(np.diff(after) <= 1e-18)  # after the warm-up: constant, then down to the end
+    decaying = progress > 0.8
+    assert np.all(after[decaying[200:]] < 1e-3) and np.all(rates[(progress <= 0.8) & (np.arange(steps) >= 200)] == 1e-3)
+    # the decay takes the last fifth of the time, so about a fifth of the steps
+    assert abs(decaying.mean() - (1 - (0.8 * 300 - 8.0) / (300 - 8.0))) < 0.02
+
+
+def test_a_budget_longer_than_max_steps_ends_at_max_steps():
+    config = TrainingConfig(learning_rate=1e-3, warmup_steps=10, max_steps=1_000, steps_per_call=50, max_time=1e6)
+    progress, rates, _, steps = _simulate_budget(config, 0.5)
+    assert steps == 1_000 and progress[-1] == 1.0
+    np.testing.assert_allclose(progress, np.arange(1, 1_001) / 1_000)
+    np.testing.assert_allclose(rates[-1], 1e-4)
+
+
+def test_a_call_planned_after_the_budget_is_the_last_and_runs_at_the_final_rate():
+    config = TrainingConfig(learning_rate=1e-3, max_time=5.0, steps_per_call=10)
+    progress, last = train_module.budget_progress(config, 500, 7.5, None)  # e.g. compilation ate the budget
+    assert last and np.all(progress == 1.0)
+    progress, last = train_module.budget_progress(config, 500, 1.0, None)  # pace not yet known
+    assert not last and np.all(progress == 0.2)
+
+
+def test_a_short_time_budget_ends_training_at_the_final_rate():
+    sf = tiny(learning_rate=1e-3, max_time=3.0, max_steps=1_000_000, patience=None, plateau_patience=None)
+    sf.fit(jax.random.key(0))
+    history = sf.history
+    np.testing.assert_allclose(history.learning_rate[-1], 1e-4, rtol=1e-6)
+    assert history.step[-1] < 1_000_000 and not history.stopped_early
+    assert np.all(np.diff(history.learning_rate) <= 0)  # warm-up done by the first validation (step 10)

@@ -9,6 +9,7 @@ progress bar and records the loss history.
 
 from __future__ import annotations
 
+import collections
 import time as _time
 import warnings
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from numpyro_simformer.training.checkpoint import TrainingCheckpointer, run_fing
 
 __all__ = [
     "TrainingConfig", "TrainState", "TrainingHistory", "LoopState", "build_schedule", "build_optimizer",
-    "build_train_fn", "train",
+    "budget_schedule", "budget_progress", "build_train_fn", "train",
 ]
 
 # Examples scored per validation: the cap on held-out simulations, and what the default
@@ -49,9 +50,10 @@ class TrainingConfig:
         tokens_per_batch: the token budget of one batch when ``batch_size`` is ``None``.
         max_steps: upper bound on optimiser steps.
         learning_rate: Adam's peak learning rate.
-        warmup_steps: linear warm-up at the start.
-        decay_fraction: the last fraction of ``max_steps`` decays the rate to 10 % (a
-            constant rate elsewhere: safe for training that may stop at any time).
+        warmup_steps: linear warm-up at the start (in steps, with or without ``max_time``).
+        decay_fraction: the last fraction of ``max_steps`` (of the time budget with
+            ``max_time``) decays the rate linearly to 10 % (a constant rate elsewhere: safe
+            for training that may stop at any time).
         plateau_patience: validations without improvement after which the learning rate
             is multiplied by ``plateau_factor`` (reduce on plateau); ``None`` never lowers it.
             A constant rate stalls well above the loss a lower one reaches: on Two Moons an
@@ -78,8 +80,18 @@ class TrainingConfig:
         patience: validations without improvement before stopping, counted once every
             plateau reduction is spent; ``None`` never stops early.
         steps_per_call: optimiser steps per jitted call.
-        max_time: optional wall-clock budget in seconds (makes the run depend on the
-            machine's speed; off by default so that a run is a function of its key).
+        max_time: optional wall-clock budget in seconds for the training loop (makes the
+            run depend on the machine's speed; off by default so that a run is a function
+            of its key). With a budget the schedule runs to the budget's end: the rate
+            follows the run's progress, the larger of the fraction of ``max_steps`` done
+            and the fraction of ``max_time`` spent, so the final decay ends at the final
+            rate (10 %) when the time is up, or at ``max_steps`` if that comes first
+            (:func:`budget_schedule`). The loop measures its pace (seconds per jitted call)
+            and plans its last call to end as near ``max_time`` as it can, within half a
+            call; if the time is up before a call was planned last (compilation took the
+            budget), one more call decays to the final rate. The final validation (with
+            the validation's one-time compilation when none ran before) comes on top.
+            Plateau reductions and early stopping apply on top, as without a budget.
         checkpoint_dir: optional folder for periodic training checkpoints. When it holds a
             checkpoint of the same run (same key, simulations and configuration), training
             resumes from it and ends in the state an uninterrupted run would reach; a
@@ -210,7 +222,11 @@ class LoopState(NamedTuple):
 
 
 def build_schedule(config: TrainingConfig) -> optax.Schedule:
-    """Warm-up, a constant rate and a final decay over the last ``decay_fraction`` of the steps."""
+    """Warm-up, a constant rate and a final decay over the last ``decay_fraction`` of the steps.
+
+    The schedule of a run without ``max_time``; a time-budgeted run follows
+    :func:`budget_schedule` instead.
+    """
     decay_steps = int(config.max_steps * config.decay_fraction)
     constant_steps = max(config.max_steps - decay_steps - config.warmup_steps, 0)
     return optax.join_schedules(
@@ -223,13 +239,107 @@ def build_schedule(config: TrainingConfig) -> optax.Schedule:
     )
 
 
+def budget_schedule(config: TrainingConfig):
+    """``rate(step, progress)``: the learning rate of a run with a time budget (``max_time``).
+
+    ``step`` is the optimiser's step count before the update (0 for the first step) and
+    ``progress`` the fraction of the run done at the end of that step, in [0, 1] (the
+    loop's :func:`budget_progress`). The same shape as :func:`build_schedule` with the
+    steps replaced by progress after the warm-up: a linear warm-up from 1 % over
+    ``warmup_steps`` steps, ``learning_rate`` until ``1 - decay_fraction``, then a linear
+    decay that reaches 10 % at progress 1, the end of the budget. Works on NumPy arrays.
+    """
+    warmup = max(config.warmup_steps, 1)
+    peak, start = config.learning_rate, 1.0 - config.decay_fraction
+
+    def rate(step, progress):
+        step, progress = np.asarray(step, np.float64), np.asarray(progress, np.float64)
+        ramp = 0.01 + 0.99 * np.minimum(step, warmup) / warmup
+        if config.decay_fraction > 0:
+            decay = 1.0 - 0.9 * np.clip((progress - start) / config.decay_fraction, 0.0, 1.0)
+        else:
+            decay = np.ones_like(progress)
+        return peak * ramp * decay
+
+    return rate
+
+
+def budget_progress(config: TrainingConfig, first_step: int, start: float, call_seconds: float | None):
+    """``(progress, last)``: the run's progress at the end of each step of one jitted call.
+
+    Args:
+        config: a configuration with ``max_time``.
+        first_step: the optimiser's step count when the call begins.
+        start: the training time (seconds, all sessions) at which the call is expected to
+            begin running.
+        call_seconds: the expected run time of one call (``None``: not yet measured,
+            taken as 0).
+
+    Returns:
+        ``progress``, (steps_per_call,): the larger of the fraction of ``max_steps`` and the
+        fraction of ``max_time`` done after each step; and ``last``: whether this call
+        should be the run's last, because it reaches ``max_steps`` or because it ends
+        nearer ``max_time`` than another call would (it ends within half a call of the
+        budget). The last call's progress runs linearly up to exactly 1, so training ends
+        at the schedule's final rate.
+    """
+    steps = config.steps_per_call
+    done = np.arange(1, steps + 1, dtype=np.float64)
+    seconds = 0.0 if call_seconds is None else float(call_seconds)
+    by_steps = (first_step + done) / config.max_steps
+    by_time = (start + done * seconds / steps) / config.max_time
+    progress = np.maximum(by_steps, by_time)
+    last = bool(by_steps[-1] >= 1.0 or start + 1.5 * seconds >= config.max_time)
+    if last:
+        first = min(progress[0], 1.0)
+        progress = first + (1.0 - first) * (done - 1) / max(steps - 1, 1)
+        progress[-1] = 1.0
+    return np.minimum(progress, 1.0), last
+
+
+class _Pace:
+    """The loop's clock under a time budget: how long a jitted call runs, and when the next
+    one dispatched now will begin (times in seconds of training, all sessions)."""
+
+    def __init__(self):
+        self.dispatched = collections.deque()  # when each call in flight was handed over
+        self.done_at = None  # when the last call known finished
+        self.seconds = collections.deque(maxlen=5)  # run times of the last calls
+
+    def handed_over(self, now: float) -> None:
+        self.dispatched.append(now)
+
+    def finished(self, now: float) -> None:
+        """A call finished (the oldest in flight): its run time is from when it was handed
+        over (after any compilation) or its predecessor finished, whichever is later."""
+        begin = self.dispatched.popleft()
+        if self.done_at is not None:
+            begin = max(begin, self.done_at)
+        self.seconds.append(now - begin)
+        self.done_at = now
+
+    def call_seconds(self) -> float | None:
+        return float(np.median(self.seconds)) if self.seconds else None
+
+    def next_start(self, now: float) -> float:
+        seconds = self.call_seconds()
+        if seconds is None or self.done_at is None:
+            return now
+        return max(now, self.done_at + len(self.dispatched) * seconds)
+
+
 def build_optimizer(config: TrainingConfig) -> optax.GradientTransformation:
     """Adam (AdamW with ``weight_decay``) on :func:`build_schedule` after global-norm clipping.
 
     Plateau reductions are not part of it: the train step multiplies Adam's update by
-    ``TrainState.lr_scale``, which the loop lowers between jitted calls.
+    ``TrainState.lr_scale``, which the loop lowers between jitted calls. With ``max_time``
+    the optimiser's rate is the constant ``learning_rate`` and the train step multiplies the
+    update by the :func:`budget_schedule` factors the loop passes each call.
     """
-    schedule = build_schedule(config)
+    if config.max_time is None:
+        schedule = build_schedule(config)
+    else:  # a schedule, not a float: the optimiser state has the same structure either way
+        schedule = optax.constant_schedule(config.learning_rate)
     if config.weight_decay > 0:
         matrices = lambda params: jax.tree.map(lambda leaf: jnp.ndim(leaf) > 1, params)
         adam = optax.adamw(schedule, weight_decay=config.weight_decay, mask=matrices)
@@ -274,7 +384,7 @@ def batch_indices(rng_key, num_rows: int, batch_size: int, steps_per_call: int):
 def build_train_fn(loss_fn, optimizer, mask_distribution: ConditionMaskDistribution, data_mask, batch_size: int,
                    ema_decay: float, steps_per_call: int, batch_sharding=None, subsample=None,
                    streamed: bool = False):
-    """``train_fn(state, rng_key, data) -> (state, losses)``: ``steps_per_call`` steps, jitted.
+    """``train_fn(state, rng_key, data, factors=None) -> (state, losses)``: ``steps_per_call`` steps, jitted.
 
     ``data`` is ``(table, train_rows)``: all simulations in z-space, (num, num_tokens), and
     the indices of the training rows among them; an argument, not a constant, so the
@@ -285,6 +395,8 @@ def build_train_fn(loss_fn, optimizer, mask_distribution: ConditionMaskDistribut
     the devices and ``jit`` all-reduces the gradients. With ``subsample`` (a
     :class:`~numpyro_simformer.model.variable.Subsampler`) each example is a random subset of
     its row along the variable-size dims, and ``data_mask`` is over the subset's tokens.
+    ``factors``, (steps_per_call,), multiplies each step's update (the learning rate of a
+    time-budgeted run, :func:`budget_schedule`, over the optimiser's constant rate).
     """
     data_mask = jnp.asarray(data_mask, dtype=bool)
     shard = (lambda x: x) if batch_sharding is None else (
@@ -292,6 +404,7 @@ def build_train_fn(loss_fn, optimizer, mask_distribution: ConditionMaskDistribut
 
     def step(carry, inputs):
         state, data = carry
+        inputs, factor = inputs
         rng_key, rows = inputs if streamed else (inputs, None)
         key_batch, key_mask, key_loss = _split_step_key(rng_key)
         if rows is None:
@@ -301,19 +414,20 @@ def build_train_fn(loss_fn, optimizer, mask_distribution: ConditionMaskDistribut
                                                        subsample, shard)
         loss, grads = jax.value_and_grad(loss_fn)(state.params, key_loss, batch, condition_mask, structure)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        updates = jax.tree.map(lambda u: u * state.lr_scale, updates)  # Adam's step is linear in its rate
+        scale = state.lr_scale if factor is None else state.lr_scale * factor
+        updates = jax.tree.map(lambda u: u * scale, updates)  # Adam's step is linear in its rate
         params = optax.apply_updates(state.params, updates)
         decay = jnp.minimum(ema_decay, (1.0 + state.step) / (10.0 + state.step))
         ema_params = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
         return (TrainState(params, ema_params, opt_state, state.step + 1, state.lr_scale), data), loss
 
     @jax.jit
-    def train_fn(state, rng_key, data):
+    def train_fn(state, rng_key, data, factors=None):
         keys = jax.random.split(rng_key, steps_per_call)
         if streamed:
-            (state, _), losses = jax.lax.scan(step, (state, None), (keys, data))
+            (state, _), losses = jax.lax.scan(step, (state, None), ((keys, data), factors))
         else:
-            (state, _), losses = jax.lax.scan(step, (state, data), keys)
+            (state, _), losses = jax.lax.scan(step, (state, data), (keys, factors))
         return state, losses
 
     return train_fn
@@ -464,7 +578,7 @@ def train(rng_key, example_losses_fn, params, data, data_mask, config: TrainingC
     def snapshot(finished: bool) -> LoopState:
         pending = np.concatenate([np.asarray(losses) for losses in recent]) if recent else np.zeros(0, np.float32)
         return LoopState(state, calls_done, tuple(rows), pending, best[0], best[1], best[2], stale, stopped_early,
-                         finished, elapsed_before + _time.perf_counter() - start, reductions)
+                         finished, clock(), reductions)
 
     bar = None
     if progress_bar:
@@ -474,15 +588,50 @@ def train(rng_key, example_losses_fn, params, data, data_mask, config: TrainingC
                    desc="training", unit="step")
     elapsed_before, start = loop.elapsed, _time.perf_counter()
     call_keys = jax.random.split(key_train, num_calls)
+    # Calls are dispatched asynchronously: a loop that never waits runs ahead of the device
+    # by up to a validation interval, its bar and clock count dispatched steps, and the wait
+    # at the next validation looks like a slow validation. It waits for each call's
+    # predecessor instead: one call queued behind the running one keeps the device busy,
+    # and the bar, ``max_time`` and the elapsed times follow executed steps.
+    in_flight = None
+    clock = lambda: elapsed_before + _time.perf_counter() - start
+    # With a time budget the rate follows the run's progress: each call gets its steps'
+    # rates, planned from the pace measured so far (budget_progress).
+    pace = _Pace() if config.max_time is not None else None
+    budget_rate = budget_schedule(config) if pace is not None else None
+    planned_last, rate_now = False, None
+
+    def wait_for(losses):
+        if losses is not None:
+            jax.block_until_ready(losses)
+            if pace is not None:
+                pace.finished(clock())
+            if bar is not None:
+                bar.update(config.steps_per_call)
+
     for call in range(calls_done, num_calls):
-        state, losses = train_fn(state, call_keys[call], call_data(call_keys[call]))
+        rates = ()
+        if pace is not None:
+            first_step = call * config.steps_per_call
+            progress, planned_last = budget_progress(config, first_step, pace.next_start(clock()),
+                                                     pace.call_seconds())
+            factors = budget_rate(first_step + np.arange(config.steps_per_call), progress) / config.learning_rate
+            rates, rate_now = (jnp.asarray(factors, jnp.float32),), float(np.float32(factors[-1]))
+        state, losses = train_fn(state, call_keys[call], call_data(call_keys[call]), *rates)
+        if pace is not None:
+            pace.handed_over(clock())
         calls_done = call + 1
         recent.append(losses)
-        if bar is not None:
-            bar.update(config.steps_per_call)
-        last_call = call == num_calls - 1
-        out_of_time = config.max_time is not None and elapsed_before + _time.perf_counter() - start > config.max_time
+        wait_for(in_flight)
+        in_flight = losses
+        last_call = call == num_calls - 1 or planned_last
+        # A budgeted run ends with a planned last call: once the time is up, the next call is
+        # planned as the last (it cannot begin before the budget's end), so the run still ends
+        # at the final rate; without a budget the run stops here.
+        out_of_time = pace is None and config.max_time is not None and clock() > config.max_time
         if (call + 1) % interval == 0 or last_call or out_of_time:
+            wait_for(in_flight)
+            in_flight = None
             train_loss = float(jnp.mean(jnp.concatenate(recent)))
             if not np.isfinite(train_loss):
                 raise FloatingPointError(
@@ -493,8 +642,9 @@ def train(rng_key, example_losses_fn, params, data, data_mask, config: TrainingC
             recent = []
             validation_loss = float(evaluate(state.ema_params)) if evaluate else train_loss
             step = int(state.step)
-            rate = float(schedule(step - 1)) * float(state.lr_scale)
-            rows.append((step, train_loss, validation_loss, elapsed_before + _time.perf_counter() - start, rate))
+            rate = (float(schedule(step - 1)) if rate_now is None else config.learning_rate * rate_now) * float(
+                state.lr_scale)
+            rows.append((step, train_loss, validation_loss, clock(), rate))
             if validation_loss < best[0]:
                 best, stale = (validation_loss, state.ema_params, step), 0
             else:
@@ -508,7 +658,7 @@ def train(rng_key, example_losses_fn, params, data, data_mask, config: TrainingC
             elif evaluate is not None and not can_reduce and config.patience is not None and stale >= config.patience:
                 stopped_early = True
                 break
-            if out_of_time:
+            if out_of_time or last_call:
                 break
         if checkpointer is not None and calls_done % checkpoint_calls == 0 and calls_done < num_calls:
             checkpointer.save(snapshot(finished=False))
