@@ -187,6 +187,63 @@ def evaluate(sf: Simformer, x_o, num_points: int, rng, tight: bool, exact_score:
     return out
 
 
+def bands(sf: Simformer, num_points: int, sigmas=(1e-3, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)):
+    """Where along the noise level the flow's error accumulates, and how it grows with r^2.
+
+    Along the network's trajectory from each point, ``e(t) = exact log p_t(x_t) + int_{t_min}^t
+    div F - log|dx/dz| - exact log p_0`` starts at 0 and ends at the flow's error; its increments
+    between noise levels say which levels err. ``r^2`` is the point's squared Mahalanobis distance.
+    """
+    state, space = sf._fitted_state("log_prob"), sf.query_space()
+    transform, sde, score_fn = space.transform, state.sde, space.score_fn
+    sigmas = np.asarray(sigmas)
+    ts = np.log(sigmas / sde.sigma_min) / np.log(sde.sigma_max / sde.sigma_min)
+    ts[0], ts[-1] = sde.t_min, 1.0
+    mask_row = np.array([False, False, True, True, True])
+    probes = jnp.asarray(np.eye(5, dtype=np.float32)[:2])
+    final, distances, increments = [], [], []
+    for number, x_o in enumerate(observations()):
+        mean, covariance = exact_posterior(x_o)
+        theta = np.random.default_rng(100 + number).multivariate_normal(mean, covariance, size=num_points)
+        exact = multivariate_normal(mean, covariance).logpdf(theta)
+        tokens = np.concatenate([theta, np.tile(x_o, (num_points, 1))], axis=1).astype(np.float32)
+        z = jnp.asarray(transform.to_z_fn(tokens))
+        mask = jnp.broadcast_to(jnp.asarray(mask_row), z.shape)
+        log_det = np.asarray(latent_log_abs_det_jacobian(transform, z, ~mask_row))
+        z_mean = (mean - transform.mean[:2]) / transform.std[:2]
+        z_cov = covariance / np.outer(transform.std[:2], transform.std[:2])
+
+        def vector_field(time, y_state, args):
+            y, _ = y_state
+            dy, jvp_fn = jax.linearize(
+                lambda y: probability_flow_drift(score_fn, sde, state.params, jnp.where(mask, z, y), time, mask), y)
+            quadratic = jax.vmap(lambda v: jnp.sum(v * jvp_fn(v), -1))(jnp.broadcast_to(probes[:, None], (2,) + y.shape))
+            return dy, jnp.sum(quadratic, 0)
+
+        solution = diffrax.diffeqsolve(diffrax.ODETerm(vector_field), diffrax.Tsit5(), t0=sde.t_min, t1=1.0, dt0=None,
+                                       y0=(z, jnp.zeros(num_points)), max_steps=4096,
+                                       stepsize_controller=diffrax.PIDController(rtol=1e-4, atol=1e-4),
+                                       saveat=diffrax.SaveAt(ts=jnp.asarray(ts)))
+        ys, divergences = np.asarray(solution.ys[0]), np.asarray(solution.ys[1])
+        e = np.array([multivariate_normal(z_mean, z_cov + float(sde.sigma(t)) ** 2 * np.eye(2)).logpdf(ys[k][:, :2])
+                      + divergences[k] - log_det - exact for k, t in enumerate(ts)])
+        final.append(e[-1])
+        increments.append(np.diff(e, axis=0))
+        distances.append(np.einsum("ni,ij,nj->n", theta - mean, np.linalg.inv(covariance), theta - mean))
+    error, r2, increments = np.concatenate(final), np.concatenate(distances), np.concatenate(increments, axis=1)
+    print(f"flow error: mean abs {np.mean(np.abs(error)):.3f}, mean {np.mean(error):+.3f}")
+    print("| sigma from | to | mean abs increment | mean increment | sd |\n|---|---|---|---|---|")
+    for k in range(len(sigmas) - 1):
+        print(f"| {sigmas[k]:g} | {sigmas[k + 1]:g} | {np.mean(np.abs(increments[k])):.3f} | "
+              f"{np.mean(increments[k]):+.3f} | {np.std(increments[k]):.3f} |")
+    slope, intercept = np.polyfit(r2 - 2, error, 1)
+    print(f"error ~ {intercept:+.3f} + {slope:.3f} (r^2 - 2); correlation {np.corrcoef(error, r2)[0, 1]:.2f}")
+    print("| r^2 from | to | points | mean abs error | mean error |\n|---|---|---|---|---|")
+    for low, high in [(0, 1), (1, 3), (3, 6), (6, np.inf)]:
+        chosen = (r2 >= low) & (r2 < high)
+        print(f"| {low} | {high} | {chosen.sum()} | {np.mean(np.abs(error[chosen])):.3f} | {np.mean(error[chosen]):+.3f} |")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
@@ -197,8 +254,13 @@ def main():
     parser.add_argument("--exact-score", action="store_true", help="also the exact score in the same machinery")
     parser.add_argument("--ensemble", type=int, default=0,
                         help="instead: a SimformerEnsemble of this many members (the mixture's log_prob only)")
+    parser.add_argument("--bands", action="store_true",
+                        help="instead: where along the noise level the flow's error accumulates (first seed)")
     args = parser.parse_args()
     args.cache.mkdir(parents=True, exist_ok=True)
+    if args.bands:
+        bands(fitted(args.seeds[0], args.simulations[0], args.cache), args.points)
+        return
     x_os = observations()
     print("| simulations | seed | observation | part | mean abs error | mean signed error | sd |")
     print("|---|---|---|---|---|---|---|")
