@@ -281,6 +281,8 @@ def main():
                     exact = multivariate_normal(mean, covariance).logpdf(theta)
                     result = {f"ensemble{args.ensemble}": mixture - exact}
                     result.update({f"member{k}": value - exact for k, value in enumerate(members)})
+                    result.update({f"member{i}-member{j}": members[i] - members[j]  # disagreement, not error
+                                   for i in range(len(members)) for j in range(i + 1, len(members))})
                 else:
                     result = evaluate(sf, x_o, args.points, rng, args.tight, args.exact_score)
                 for part, error in result.items():
