@@ -156,6 +156,8 @@ def evaluate(sf: Simformer, x_o, num_points: int, rng, tight: bool, exact_score:
         return multivariate_normal(z_mean, p1_cov).logpdf(np.asarray(x1)[:, :2])
 
     out = {"default": sf.log_prob({"theta": theta}, observed={"x": x_o}) - exact}
+    narrow = ProbabilityFlowLogDensity(terminal_variance=0.0)  # the terminal density of a narrow conditional
+    out["terminal_variance_0"] = sf.log_prob({"theta": theta}, observed={"x": x_o}, density=narrow) - exact
     density = ProbabilityFlowLogDensity()
     x1, divergence = flow_parts(space.score_fn, sde, state.params, z, mask, density)
     score_1 = space.score_fn(state.params, x1, jnp.ones(num_points), mask)
@@ -277,9 +279,12 @@ def main():
                     mean, covariance = exact_posterior(x_o)
                     theta = rng.multivariate_normal(mean, covariance, size=args.points)
                     mixture = ensemble.log_prob({"theta": theta}, observed={"x": x_o})
+                    narrow = ProbabilityFlowLogDensity(terminal_variance=0.0)
+                    mixture_narrow = ensemble.log_prob({"theta": theta}, observed={"x": x_o}, density=narrow)
                     members = [member.log_prob({"theta": theta}, observed={"x": x_o}) for member in ensemble.members]
                     exact = multivariate_normal(mean, covariance).logpdf(theta)
-                    result = {f"ensemble{args.ensemble}": mixture - exact}
+                    result = {f"ensemble{args.ensemble}": mixture - exact,
+                              f"ensemble{args.ensemble}_terminal_variance_0": mixture_narrow - exact}
                     result.update({f"member{k}": value - exact for k, value in enumerate(members)})
                     result.update({f"member{i}-member{j}": members[i] - members[j]  # disagreement, not error
                                    for i in range(len(members)) for j in range(i + 1, len(members))})
