@@ -90,7 +90,7 @@ def test_log_density_is_exact_with_an_exact_score(sde):
 
     The data look like z-scored tokens (unit variances, correlated, a conditional's mean
     away from 0). The terminal density assumes the prior's variance; data variance
-    ``lambda`` along some direction costs about ``(lambda - 1) (1 - z^2) / (2 sigma_max^2)``.
+    ``lambda`` along some direction costs about ``(lambda - 1) (1 + z^2) / (2 sigma_max^2)``.
     """
     rng = np.random.default_rng(3)
     factor = rng.normal(size=(4, 4))
