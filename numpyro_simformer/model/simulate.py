@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from numpyro import handlers
 
-__all__ = ["SimulationInfo", "simulate", "filter_finite", "build_chunk_fn"]
+__all__ = ["SimulationInfo", "simulate", "filter_finite", "build_chunk_fn", "draw_shapes"]
 
 # Raised while tracing a model whose Python control flow depends on sampled values: it cannot be vmapped.
 _NOT_VECTORIZABLE = (jax.errors.ConcretizationTypeError, jax.errors.TracerBoolConversionError,
@@ -149,3 +149,18 @@ def simulate(
     draws, finite = filter_finite(draws)
     info = SimulationInfo(num_simulations, int(finite.sum()), int((~finite).sum()), vectorized)
     return draws, info
+
+
+def draw_shapes(rng_key, model: Callable, site_names: Sequence[str], model_args: tuple = (),
+                model_kwargs: dict | None = None) -> dict[str, tuple]:
+    """The shape of one joint draw of each of ``site_names``, found by tracing (nothing is simulated).
+
+    A model that cannot be traced abstractly (Python control flow on sampled values) is
+    run once instead.
+    """
+    draw = _build_draw_fn(model, model_args, model_kwargs or {}, site_names)
+    try:
+        values = jax.eval_shape(draw, rng_key)
+    except _NOT_VECTORIZABLE:
+        values = draw(rng_key)
+    return {name: tuple(value.shape) for name, value in values.items()}
