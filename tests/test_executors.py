@@ -109,15 +109,6 @@ def test_in_process_chunks_on_disk_equal_simulate(rng_key, tmp_path):
     assert json.loads((tmp_path / "report.json").read_text())["chunks"][0]["status"] == "simulated"
 
 
-def test_local_pool_of_two_workers_gives_the_in_process_draws(rng_key, tmp_path):
-    draws, info, report = simulate_chunks(rng_key, model, NUM_SIMULATIONS, SITES, chunk_size=CHUNK_SIZE,
-                                          executor=2, directory=tmp_path)
-    reference, reference_info = in_process(rng_key)
-    assert_same_draws(draws, reference)
-    assert info == reference_info and report.executor == "local process pool, 2 workers"
-    assert_same_draws(read_simulations(tmp_path), reference)
-
-
 def test_a_process_pool_executor_gives_the_in_process_draws(rng_key, process_pool):
     draws, _, report = simulate_chunks(rng_key, model, NUM_SIMULATIONS, SITES, chunk_size=CHUNK_SIZE,
                                        executor=process_pool)
@@ -140,6 +131,10 @@ def test_the_worker_count_does_not_change_a_jax_models_draws(rng_key, process_po
 
     reference, _ = simulate(rng_key, jax_model, 30, SITES, model_args=(0.5,), chunk_size=7)
     draws, _, _ = simulate_chunks(rng_key, jax_model, 30, SITES, model_args=(0.5,), chunk_size=7,
+                                  executor=process_pool)
+    assert_same_draws(draws, reference)
+    raw_key = jax.random.key_data(rng_key)  # an old-style uint32 key gives the typed key's draws, in workers too
+    draws, _, _ = simulate_chunks(raw_key, jax_model, 30, SITES, model_args=(0.5,), chunk_size=7,
                                   executor=process_pool)
     assert_same_draws(draws, reference)
 
@@ -240,13 +235,21 @@ def test_nan_simulations_are_counted_per_chunk(rng_key, process_pool):
                                                               for i in range(0, NUM_SIMULATIONS, CHUNK_SIZE)]
 
 
-def test_a_dying_worker_has_its_chunk_rerun(rng_key, tmp_path):
+@pytest.mark.slow
+def test_a_dying_worker_has_its_chunk_rerun_on_the_librarys_restarted_pool(rng_key, tmp_path):
     dying = functools.partial(model, functools.partial(dying_simulator, marker=str(tmp_path / "died")))
     with pytest.warns(UserWarning, match="rerun after their worker died"):
         draws, _, report = simulate_chunks(rng_key, dying, NUM_SIMULATIONS, SITES, chunk_size=CHUNK_SIZE,
-                                           executor=1)  # the library's pool, restarted
+                                           executor=2, directory=tmp_path / "sims")
+    assert report.executor == "local process pool, 2 workers"
     assert report.chunks_rerun >= 1 and report.chunks_failed == 0
-    assert_same_draws(draws, in_process(rng_key)[0])
+    assert all(chunk.attempts == chunk.worker_deaths + 1 for chunk in report.chunks)
+    reference = in_process(rng_key)[0]
+    assert_same_draws(draws, reference)
+    assert_same_draws(read_simulations(tmp_path / "sims"), reference)
+
+
+@pytest.mark.slow
 
 
 def test_a_chunk_whose_worker_always_dies_fails_after_max_attempts(rng_key, tmp_path):

@@ -65,12 +65,16 @@ __all__ = [
     "local_process_pool",
     "check_executor",
     "MAX_ATTEMPTS",
+    "MAX_IN_FLIGHT",
 ]
 
 # Submissions of one chunk in one run (the first and two reruns after worker deaths).
 MAX_ATTEMPTS = 3
 # JAX settings that change the draws: a worker takes the caller's.
 _JAX_SETTINGS = ("jax_enable_x64", "jax_threefry_partitionable", "jax_default_prng_impl")
+# Chunks submitted at once to an executor of the caller's (a Dask scheduler holds each
+# submitted chunk's arguments); the library's own pool gets one per worker.
+MAX_IN_FLIGHT = 1_024
 _WORKER_CACHE_SIZE = 4  # compiled chunk functions kept per worker process (one per job)
 _ERROR_CHARS = 4_000
 _NOT_VECTORIZABLE_WARNING = (
@@ -397,7 +401,10 @@ def simulate_chunks(
                                                                             error="not run: interrupted")
                                         for i, (r, (start, stop)) in enumerate(zip(reports, bounds))))
         if store is not None:
-            store.write_report(report.to_json())
+            try:
+                store.write_report(report.to_json())
+            except OSError as error:  # a full disk: say so, without hiding the error that may be under way
+                warnings.warn(f"The simulation report could not be written to {directory}: {error}.", stacklevel=2)
 
     if not vectorized[0]:
         warnings.warn(_NOT_VECTORIZABLE_WARNING, stacklevel=2)
@@ -458,7 +465,7 @@ def _run_on_executor(executor, submit, pending, max_attempts, finish):
     """
     owned = isinstance(executor, int)
     pool = local_process_pool(executor) if owned else executor
-    window = executor if owned else len(pending)  # a pool's queue holds what it runs: a death fails only those
+    window = executor if owned else MAX_IN_FLIGHT  # our pool holds only what it runs: a death fails only those
     generation = 0
     queue, suspects = collections.deque(pending), collections.deque()
     attempts = collections.Counter()
