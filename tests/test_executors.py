@@ -139,6 +139,21 @@ def test_the_worker_count_does_not_change_a_jax_models_draws(rng_key, process_po
     assert_same_draws(draws, reference)
 
 
+def branching_model():  # Python control flow on a sampled value: cannot be vmapped
+    theta = numpyro.sample("theta", dist.Normal(0, 1))
+    scale = 0.1 if float(theta) > 0 else 1.0
+    numpyro.sample("x", dist.Normal(theta, scale))
+
+
+def test_a_model_that_cannot_be_vmapped_runs_draw_by_draw_in_workers_too(rng_key, process_pool):
+    with pytest.warns(UserWarning, match="could not be vmapped"):
+        reference, reference_info = simulate(rng_key, branching_model, 12, SITES, chunk_size=6)
+    with pytest.warns(UserWarning, match="could not be vmapped"):
+        draws, info, _ = simulate_chunks(rng_key, branching_model, 12, SITES, chunk_size=6, executor=process_pool)
+    assert_same_draws(draws, reference)
+    assert info == reference_info and not info.vectorized
+
+
 # --- kept on disk, resumed ---------------------------------------------------------------------
 RESUME_SCRIPT = """
 import sys

@@ -53,7 +53,13 @@ import cloudpickle
 import jax
 import numpy as np
 
-from numpyro_simformer.model.simulate import SimulationInfo, build_chunk_fn, draw_shapes, filter_finite
+from numpyro_simformer.model.simulate import (
+    NOT_VECTORIZABLE_WARNING,
+    SimulationInfo,
+    build_chunk_fn,
+    draw_shapes,
+    filter_finite,
+)
 from numpyro_simformer.model.simulation_store import SimulationStore
 
 __all__ = [
@@ -77,10 +83,6 @@ _JAX_SETTINGS = ("jax_enable_x64", "jax_threefry_partitionable", "jax_default_pr
 MAX_IN_FLIGHT = 1_024
 _WORKER_CACHE_SIZE = 4  # compiled chunk functions kept per worker process (one per job)
 _ERROR_CHARS = 4_000
-_NOT_VECTORIZABLE_WARNING = (
-    "The model could not be vmapped (its Python control flow depends on sampled values); simulating one "
-    "draw at a time, which is slow. Use `jnp.where`/`lax.cond` in the model to make it vectorizable."
-)
 
 
 class ChunkReport(NamedTuple):
@@ -407,16 +409,20 @@ def simulate_chunks(
                 warnings.warn(f"The simulation report could not be written to {directory}: {error}.", stacklevel=2)
 
     if not vectorized[0]:
-        warnings.warn(_NOT_VECTORIZABLE_WARNING, stacklevel=2)
+        warnings.warn(NOT_VECTORIZABLE_WARNING, stacklevel=2)
     if report.chunks_rerun:
         warnings.warn(f"{report.chunks_rerun} chunk(s) were rerun after their worker died: "
                       f"{[c.index for c in report.chunks if c.worker_deaths]}.", stacklevel=2)
     if report.chunks_failed:
-        where = f" The {report.num_chunks - report.chunks_failed} finished chunks are kept in {directory}." if store else ""
+        if store is None:
+            again = ("Fix it and run again; pass a directory (Simformer(simulation_dir=...)) to keep the finished "
+                     "chunks of a run.")
+        else:
+            again = (f"The {report.num_chunks - report.chunks_failed} finished chunks are kept in {directory}: fix it "
+                     "and run again with the same key and directory, and only the missing chunks are simulated.")
         raise SimulationError(
-            f"{report.chunks_failed} of {report.num_chunks} simulation chunks failed.{where} A simulator that "
-            "cannot simulate some inputs can return NaN for them instead: such rows are dropped and counted. "
-            "Fix it and run again with the same key and directory: only the missing chunks are simulated.\n"
+            f"{report.chunks_failed} of {report.num_chunks} simulation chunks failed. A simulator that cannot "
+            f"simulate some inputs can return NaN for them instead: such rows are dropped and counted. {again}\n"
             + report.summary(), report)
     draws, finite = filter_finite(draws)
     info = SimulationInfo(num_simulations, int(finite.sum()), int((~finite).sum()), vectorized[0])

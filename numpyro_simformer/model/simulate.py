@@ -15,12 +15,12 @@ import jax.numpy as jnp
 import numpy as np
 from numpyro import handlers
 
-__all__ = ["SimulationInfo", "simulate", "filter_finite", "build_chunk_fn", "draw_shapes"]
+__all__ = ["SimulationInfo", "simulate", "filter_finite", "build_chunk_fn", "draw_shapes", "NOT_VECTORIZABLE_WARNING"]
 
 # Raised while tracing a model whose Python control flow depends on sampled values: it cannot be vmapped.
 _NOT_VECTORIZABLE = (jax.errors.ConcretizationTypeError, jax.errors.TracerBoolConversionError,
                      jax.errors.TracerArrayConversionError, jax.errors.TracerIntegerConversionError)
-_NOT_VECTORIZABLE_WARNING = (
+NOT_VECTORIZABLE_WARNING = (
     "The model could not be vmapped (its Python control flow depends on sampled values); simulating one "
     "draw at a time, which is slow. Use `jnp.where`/`lax.cond` in the model to make it vectorizable."
 )
@@ -140,7 +140,7 @@ def simulate(
         chunk_keys = keys[start : start + chunk_size]
         chunk, chunk_vectorized = simulate_chunk(chunk_keys, vectorized)
         if vectorized and not chunk_vectorized:
-            warnings.warn(_NOT_VECTORIZABLE_WARNING, stacklevel=2)
+            warnings.warn(NOT_VECTORIZABLE_WARNING, stacklevel=2)
         vectorized = chunk_vectorized
         if draws is None:
             draws = {name: np.empty((num_simulations, *np.shape(chunk[name])[1:]), np.float32) for name in site_names}
