@@ -127,8 +127,8 @@ def main():
               for name, seconds, same in rows]
     lines += ["", f"Ratio: 1-worker wall time / this wall time (above 1 is faster). Local pools include starting "
                   f"their workers and compiling the model in each{cluster_note}.",
-              f"Machine: {machine()}; load average {load:.1f} at start (shared with other jobs: times are upper "
-              f"bounds); {datetime.date.today()}. Command: `python benchmarks/executors.py"
+              f"Machine: {machine()}; load average {load:.1f} at start (a machine shared with other people's jobs, "
+              f"which may have run meanwhile: times are upper bounds); {datetime.date.today()}. Command: `python benchmarks/executors.py"
               f"{'' if args.cost == 'sleep' else ' --cost compute'}`."]
     table = "\n".join(lines) + "\n"
     print(table)
