@@ -18,7 +18,17 @@ __version__ = "0.2.0"
 from numpyro_simformer.diffusion import VESDE, VPSDE, AbstractSDE, ConditionMaskDistribution, build_score_fn
 from numpyro_simformer.ensemble import SimformerEnsemble
 from numpyro_simformer.inference import ProbabilityFlowLogDensity, QuerySpace, build_sample_fn
-from numpyro_simformer.model import ModelOptions, ModelSpec, Simulator, attention_mask, dependency_matrix, read_model_spec
+from numpyro_simformer.model import (
+    ModelOptions,
+    ModelSpec,
+    SimulationError,
+    SimulationReport,
+    Simulator,
+    attention_mask,
+    dependency_matrix,
+    read_model_spec,
+    read_simulations,
+)
 from numpyro_simformer.nn import NetworkConfig
 from numpyro_simformer.samplers import (
     AbstractSampler,
@@ -44,6 +54,9 @@ __all__ = [
     "ModelOptions",
     "read_model_spec",
     "Simulator",
+    "SimulationReport",
+    "SimulationError",
+    "read_simulations",
     "dependency_matrix",
     "attention_mask",
     "NetworkConfig",

@@ -37,6 +37,7 @@ from numpyro_simformer.io.checkpoint import read_checkpoint, save_simformer
 from numpyro_simformer.io.serialization import ensure_writable_directory
 from numpyro_simformer.inference.query import build_query, observed_tokens, to_z_checked
 from numpyro_simformer.inference.rejection import SUPPORT_STREAM, draws_in_support, inside_support
+from numpyro_simformer.model.executors import SimulationReport, check_executor, simulate_chunks
 from numpyro_simformer.model.simulate import SimulationInfo, filter_finite, simulate
 from numpyro_simformer.model.spec import ModelOptions, ModelSpec, read_model_spec
 from numpyro_simformer.nn import NetworkConfig
@@ -78,7 +79,20 @@ class Simformer:
             marginalised out of the graph.
         data_sites: the sites treated as data by the posterior/likelihood training masks
             (default: sites without children in the graph).
-        simulation_chunk_size: draws per jitted simulation call.
+        simulation_chunk_size: draws per jitted simulation call; with ``simulation_executor``
+            or ``simulation_dir``, also the unit of work handed to a worker and kept on disk
+            (several chunks per worker keep them busy). The draws of a vectorized
+            ``Simulator.from_numpy`` site depend on it, never on the executor.
+        simulation_executor: where the simulation chunks run: ``None`` (this process), a
+            number of local worker processes (a process pool the library starts, and
+            restarts if a worker dies), or any ``concurrent.futures.Executor``, e.g. a
+            ``concurrent.futures.ProcessPoolExecutor`` or a Dask ``client.get_executor()``.
+            The simulations are the same for the same key whatever runs them. See
+            ``docs/bring-your-own-simulator.md``, "Expensive simulators".
+        simulation_dir: a folder in which every finished simulation chunk is kept as an
+            ``.npz`` file as it arrives; a fit with the same key, ``num_simulations`` and
+            chunk size resumes from it (only missing chunks are simulated), and
+            :func:`~numpyro_simformer.read_simulations` reads it for :meth:`fit_simulations`.
         coordinates: ``{dim: argument}`` for time series and function-valued sites: ``dim``
             is a plate name (or a dim name such as ``"beta_dim_0"``, or a site name for its
             first axis) and ``argument`` the model keyword argument holding the coordinate
@@ -116,6 +130,9 @@ class Simformer:
             before); ``spec``, ``layout``, ``parents``, ``attention_mask``, ``transform``,
             ``params``, ``history``, ``simulation_info``, ``simulation_time`` and
             ``training_time`` read it.
+        simulation_report: the :class:`~numpyro_simformer.SimulationReport` of the last
+            :meth:`simulate` over an executor or into a directory (chunks reused, simulated,
+            rerun, failed); ``None`` otherwise. Not part of the state: it describes a run.
         model_options: the :class:`~numpyro_simformer.model.spec.ModelOptions` the model is read with.
     """
 
@@ -135,6 +152,8 @@ class Simformer:
         exclude_sites: Sequence[str] = (),
         data_sites: Sequence[str] | None = None,
         simulation_chunk_size: int = 10_000,
+        simulation_executor=None,
+        simulation_dir=None,
         coordinates: Mapping[str, str] | None = None,
         exchangeable: Sequence[str] = (),
         points_per_dim: int = 20,
@@ -161,6 +180,9 @@ class Simformer:
         self.sampler = sampler
         self.condition_masks = condition_masks
         self.simulation_chunk_size = int(simulation_chunk_size)
+        self.simulation_executor = check_executor(simulation_executor, "simulation_executor")
+        self.simulation_dir = simulation_dir
+        self.simulation_report: SimulationReport | None = None
         self.points_per_dim = int(points_per_dim)
         self.interval_sites = interval_sites
         self.progress_bar = progress_bar
@@ -253,17 +275,32 @@ class Simformer:
     def simulate(self, rng_key, spec: ModelSpec) -> tuple[dict[str, np.ndarray], SimulationInfo, float]:
         """``num_simulations`` joint draws of ``spec``'s token sites.
 
+        With ``simulation_executor`` or ``simulation_dir`` the chunks run through
+        :func:`~numpyro_simformer.model.executors.simulate_chunks` (same draws) and
+        :attr:`simulation_report` says what happened to each.
+
         Returns:
             ``(draws, info, seconds)``: ``{site: array (num_valid, *site shape)}`` (finite
             rows only), a :class:`~numpyro_simformer.model.simulate.SimulationInfo`, and the
             time it took.
+
+        Raises:
+            ~numpyro_simformer.SimulationError: chunks failed (the simulator raised, or a
+                worker kept dying); the finished ones are kept in ``simulation_dir``.
         """
         start = _time.perf_counter()
-        draws, info = simulate(
-            rng_key, spec.model, self.num_simulations, spec.layout.site_names, spec.model_args, spec.model_kwargs,
-            chunk_size=self.simulation_chunk_size, progress_bar=self.progress_bar,
-            data_parallel=resolve_devices(self.training_config.data_parallel),
-        )
+        arguments = (rng_key, spec.model, self.num_simulations, spec.layout.site_names, spec.model_args,
+                     spec.model_kwargs)
+        options = dict(chunk_size=self.simulation_chunk_size, progress_bar=self.progress_bar,
+                       data_parallel=resolve_devices(self.training_config.data_parallel))
+        if self.simulation_executor is None and self.simulation_dir is None:
+            draws, info = simulate(*arguments, **options)
+            self.simulation_report = None
+        else:
+            if self.simulation_executor is not None:
+                options["data_parallel"] = None  # workers simulate on their own devices
+            draws, info, self.simulation_report = simulate_chunks(
+                *arguments, executor=self.simulation_executor, directory=self.simulation_dir, **options)
         return draws, info, _time.perf_counter() - start
 
     def fit_simulations(self, rng_key, simulations: Mapping[str, np.ndarray], *model_args,

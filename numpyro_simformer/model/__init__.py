@@ -4,8 +4,10 @@
 in the library takes the spec.
 """
 
+from numpyro_simformer.model.executors import ChunkReport, SimulationError, SimulationReport, simulate_chunks
 from numpyro_simformer.model.graph import attention_mask, dependency_matrix, element_parents
 from numpyro_simformer.model.simulate import SimulationInfo, simulate
+from numpyro_simformer.model.simulation_store import SimulationDirectoryError, read_simulations
 from numpyro_simformer.model.simulator import Simulator
 from numpyro_simformer.model.sites import SiteInfo, read_sites, trace_model
 from numpyro_simformer.model.spec import ModelOptions, ModelSpec, read_model_spec
@@ -22,5 +24,11 @@ __all__ = [
     "attention_mask",
     "simulate",
     "SimulationInfo",
+    "simulate_chunks",
+    "SimulationReport",
+    "ChunkReport",
+    "SimulationError",
+    "SimulationDirectoryError",
+    "read_simulations",
     "Simulator",
 ]

@@ -15,7 +15,15 @@ import jax.numpy as jnp
 import numpy as np
 from numpyro import handlers
 
-__all__ = ["SimulationInfo", "simulate", "filter_finite"]
+__all__ = ["SimulationInfo", "simulate", "filter_finite", "build_chunk_fn", "draw_shapes", "NOT_VECTORIZABLE_WARNING"]
+
+# Raised while tracing a model whose Python control flow depends on sampled values: it cannot be vmapped.
+_NOT_VECTORIZABLE = (jax.errors.ConcretizationTypeError, jax.errors.TracerBoolConversionError,
+                     jax.errors.TracerArrayConversionError, jax.errors.TracerIntegerConversionError)
+NOT_VECTORIZABLE_WARNING = (
+    "The model could not be vmapped (its Python control flow depends on sampled values); simulating one "
+    "draw at a time, which is slow. Use `jnp.where`/`lax.cond` in the model to make it vectorizable."
+)
 
 
 class SimulationInfo(NamedTuple):
@@ -43,6 +51,32 @@ def _draw_chunk(draw_chunk, chunk_keys, data_parallel):
     chunk_keys = jnp.concatenate([chunk_keys, jnp.repeat(chunk_keys[:1], padded - num, axis=0)])
     draws = jax.device_get(draw_chunk(jax.device_put(chunk_keys, data_parallel.batch)))
     return {name: value[:num] for name, value in draws.items()}
+
+
+def build_chunk_fn(model: Callable, model_args: tuple, model_kwargs: dict, site_names: Sequence[str],
+                   data_parallel=None):
+    """``simulate_chunk(chunk_keys, vectorized) -> (draws, vectorized)``: one chunk of joint draws.
+
+    Each key gives one joint draw of ``site_names`` (float32 NumPy arrays with a leading
+    draw axis). With ``vectorized`` the chunk is one jitted ``vmap`` (compiled once per
+    chunk length); a model that cannot be vmapped is then run one draw at a time and
+    ``vectorized=False`` is returned, for the caller to pass on (and warn about once). The
+    draws depend on the chunk's keys alone: the same keys give the same draws in this
+    process, in a worker process or on a cluster.
+    """
+    draw = _build_draw_fn(model, model_args, model_kwargs, site_names)
+    draw_chunk = jax.jit(jax.vmap(draw))
+
+    def simulate_chunk(chunk_keys, vectorized: bool = True):
+        if vectorized:
+            try:
+                return _draw_chunk(draw_chunk, chunk_keys, data_parallel), True
+            except _NOT_VECTORIZABLE:
+                pass
+        single = [jax.device_get(draw(key)) for key in chunk_keys]
+        return {name: np.stack([s[name] for s in single]) for name in site_names}, False
+
+    return simulate_chunk
 
 
 def filter_finite(draws: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], np.ndarray]:
@@ -93,11 +127,9 @@ def simulate(
         ``(draws, info)``: a dict of NumPy arrays with a leading simulation axis (finite
         draws only) and a :class:`SimulationInfo`.
     """
-    model_kwargs = model_kwargs or {}
-    draw = _build_draw_fn(model, model_args, model_kwargs, site_names)
     keys = jax.random.split(rng_key, num_simulations)
+    simulate_chunk = build_chunk_fn(model, model_args, model_kwargs or {}, site_names, data_parallel)
     vectorized = True
-    draw_chunk = jax.jit(jax.vmap(draw))
     draws = None  # filled chunk by chunk: the host holds one copy of the simulations, not two
     starts = range(0, num_simulations, chunk_size)
     if progress_bar:
@@ -106,22 +138,10 @@ def simulate(
         starts = tqdm(starts, desc="simulating", unit="chunk")
     for start in starts:
         chunk_keys = keys[start : start + chunk_size]
-        chunk = None
-        if vectorized:
-            try:
-                chunk = _draw_chunk(draw_chunk, chunk_keys, data_parallel)
-            except (jax.errors.ConcretizationTypeError, jax.errors.TracerBoolConversionError,
-                    jax.errors.TracerArrayConversionError, jax.errors.TracerIntegerConversionError):
-                vectorized = False
-                warnings.warn(
-                    "The model could not be vmapped (its Python control flow depends on "
-                    "sampled values); simulating one draw at a time, which is slow. Use "
-                    "`jnp.where`/`lax.cond` in the model to make it vectorizable.",
-                    stacklevel=2,
-                )
-        if chunk is None:
-            single = [jax.device_get(draw(key)) for key in chunk_keys]
-            chunk = {name: np.stack([s[name] for s in single]) for name in site_names}
+        chunk, chunk_vectorized = simulate_chunk(chunk_keys, vectorized)
+        if vectorized and not chunk_vectorized:
+            warnings.warn(NOT_VECTORIZABLE_WARNING, stacklevel=2)
+        vectorized = chunk_vectorized
         if draws is None:
             draws = {name: np.empty((num_simulations, *np.shape(chunk[name])[1:]), np.float32) for name in site_names}
         for name in site_names:
@@ -129,3 +149,18 @@ def simulate(
     draws, finite = filter_finite(draws)
     info = SimulationInfo(num_simulations, int(finite.sum()), int((~finite).sum()), vectorized)
     return draws, info
+
+
+def draw_shapes(rng_key, model: Callable, site_names: Sequence[str], model_args: tuple = (),
+                model_kwargs: dict | None = None) -> dict[str, tuple]:
+    """The shape of one joint draw of each of ``site_names``, found by tracing (nothing is simulated).
+
+    A model that cannot be traced abstractly (Python control flow on sampled values) is
+    run once instead.
+    """
+    draw = _build_draw_fn(model, model_args, model_kwargs or {}, site_names)
+    try:
+        values = jax.eval_shape(draw, rng_key)
+    except _NOT_VECTORIZABLE:
+        values = draw(rng_key)
+    return {name: tuple(value.shape) for name, value in values.items()}
