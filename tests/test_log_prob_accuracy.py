@@ -96,6 +96,7 @@ def test_terminal_variance_must_not_be_negative():
 
 
 @pytest.mark.slow
+@pytest.mark.long  # 6-18 minutes of training at defaults: `pytest -m long`
 def test_log_prob_of_posterior_at_library_defaults_and_5000_simulations():
     """Library defaults, 5,000 simulations, three observations x 200 exact posterior draws.
 

@@ -1,0 +1,119 @@
+"""Cost of high-dimensional data sites, grouped and one element per token.
+
+One model family: theta (2,) ~ N(0, I), x (n,) = theta_0 + theta_1 t + sigma eps on n points
+t in [-1, 1], with sigma = 0.2 sqrt(n) so the posterior has the same width at every n. For
+n in 10, 100, 1,000, 10,000 and for the default grouping (``elements_per_token=None``) and
+one element per token (``elements_per_token=1``), a fresh subprocess reads the model, draws
+the simulations, trains a fixed number of steps and draws posterior samples, and reports:
+reading the model (the element graph), steps/s, seconds per 10,000 posterior draws (from
+``--draws`` draws, scaled) and the process's peak memory. This measures cost only: the
+steps are fixed, not trained to early stopping, so no accuracy column.
+
+    python benchmarks/high_dim.py                   # writes benchmarks/results/high_dim.md
+    python benchmarks/high_dim.py --sizes 10 100    # a subset
+
+Not a test. One element per token at 10,000 elements is not run: the attention logits of
+one batch alone would take batch x heads x 10,002^2 x 4 bytes (51 GB at the default batch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+WORKER = r"""
+import json, resource, sys, time
+import jax, jax.numpy as jnp, numpy as np, numpyro, numpyro.distributions as dist
+from numpyro_simformer import Simformer, TrainingConfig
+
+n, per_token, steps, draws = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+per_token = None if per_token == "auto" else int(per_token)
+sigma = 0.2 * np.sqrt(n)
+t = jnp.linspace(-1, 1, n)
+
+def model():
+    theta = numpyro.sample("theta", dist.Normal(0, 1).expand([2]).to_event(1))
+    numpyro.sample("x", dist.Normal(theta[0] + theta[1] * t, sigma).to_event(1))
+
+sf = Simformer(model, num_simulations=2_000, elements_per_token=per_token, progress_bar=False,
+               training=TrainingConfig(max_steps=steps, patience=None, validation_interval=steps))
+start = time.perf_counter()
+spec = sf.read_model(jax.random.key(0))
+read_s = time.perf_counter() - start
+sf.fit(jax.random.key(0))
+compile_steps = max(1, min(steps // 4, 50))
+x_o = np.asarray(0.5 - 1.0 * t)
+sf.sample(jax.random.key(1), observed={"x": x_o}, num_samples=min(draws, 10))  # compile the sampler
+start = time.perf_counter()
+tree = sf.sample(jax.random.key(2), observed={"x": x_o}, num_samples=draws)
+sample_s = time.perf_counter() - start
+grouping = sf.spec.grouping
+print(json.dumps({
+    "elements": n + 2,
+    "tokens": n + 2 if grouping is None else grouping.num_tokens,
+    "elements_per_token": 1 if grouping is None else max(grouping.elements_per_token.values()),
+    "read_s": read_s,
+    "steps": int(sf.history.step[-1]),
+    "training_s": sf.training_time,
+    "steps_per_s": int(sf.history.step[-1]) / sf.training_time,
+    "s_per_10k_draws": sample_s * 10_000 / draws,
+    "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+}))
+"""
+
+
+def run(n: int, per_token: str, steps: int, draws: int) -> dict:
+    result = subprocess.run([sys.executable, "-c", WORKER, str(n), per_token, str(steps), str(draws)],
+                            capture_output=True, text=True)
+    if result.returncode:
+        return {"elements": n + 2, "error": result.stderr.strip().splitlines()[-1][:120]}
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[10, 100, 1_000, 10_000])
+    parser.add_argument("--steps", type=int, default=500)
+    parser.add_argument("--draws", type=int, default=1_000)
+    args = parser.parse_args()
+    rows = []
+    for n in args.sizes:
+        for mode in ("auto", "1"):
+            if mode == "1" and n > 1_000:
+                rows.append({"elements": n + 2, "mode": "1 per token", "error": "not run (attention memory)"})
+                continue
+            steps = args.steps if mode == "auto" or n <= 100 else max(20, args.steps // 10)
+            draws = args.draws if mode == "auto" or n <= 100 else max(10, args.draws // 10)
+            row = run(n, mode, steps, draws)
+            row["mode"] = "default" if mode == "auto" else "1 per token"
+            rows.append(row)
+            print(row, flush=True)
+    header = ("| data elements + 2 | tokens | mode | reading the model s | steps | steps/s | s per 10,000 draws "
+              "| peak memory MiB |\n|---|---|---|---|---|---|---|---|")
+    lines = [header]
+    for row in rows:
+        if "error" in row:
+            lines.append(f"| {row['elements']} | | {row['mode']} | {row['error']} | | | | |")
+            continue
+        lines.append(f"| {row['elements']} | {row['tokens']} | {row['mode']} ({row['elements_per_token']} per token) "
+                     f"| {row['read_s']:.1f} | {row['steps']} | {row['steps_per_s']:.1f} | "
+                     f"{row['s_per_10k_draws']:.1f} | {row['peak_rss_mib']:.0f} |")
+    machine = f"{platform.machine()}, {platform.processor() or 'cpu'}, {__import__('os').cpu_count()} cores"
+    text = (f"# High-dimensional data sites: cost\n\nMachine: {machine}. Command: `python benchmarks/high_dim.py "
+            f"--sizes {' '.join(map(str, args.sizes))} --steps {args.steps} --draws {args.draws}`. "
+            "2,000 simulations, default network and sampler; each row a fresh process. Rows with one element "
+            "per token above 100 elements train and draw a tenth as many steps and draws (rates scaled).\n\n"
+            + "\n".join(lines) + "\n")
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "high_dim.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
