@@ -27,6 +27,7 @@ from typing import Mapping
 
 import numpy as np
 
+from numpyro_simformer._checks import check_positive_int
 from numpyro_simformer.tokens.layout import TokenLayout
 
 __all__ = ["AUTO_GROUPING_THRESHOLD", "TokenGrouping", "group_tokens", "resolve_elements_per_token"]
@@ -102,9 +103,9 @@ def resolve_elements_per_token(layout: TokenLayout, elements_per_token, ungroupe
         if k is None:
             k = 1 if site.size <= AUTO_GROUPING_THRESHOLD or ungrouped else \
                 math.ceil(site.size / AUTO_GROUPING_THRESHOLD)
-        elif isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-            raise ValueError(f"`elements_per_token` for site {site.name!r} must be a positive int, got {k!r}.")
-        elif k > 1 and ungrouped:
+        else:
+            check_positive_int(k, f"elements_per_token[{site.name!r}]")
+        if k > 1 and ungrouped:
             raise ValueError(
                 f"`elements_per_token` asks for {k} elements per token of site {site.name!r}, but {ungrouped}. "
                 "Leave `elements_per_token` unset (one element per token)."
