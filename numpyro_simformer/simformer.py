@@ -422,7 +422,7 @@ class Simformer:
                 spec = state.spec.at(model_kwargs)
                 transform = state.transform.on_layout(spec.layout)
             self._spaces[cache_key] = QuerySpace(spec, transform, state.graphdef, state.constants, state.sde,
-                                                 self.points_per_dim)
+                                                 self.points_per_dim, num_layers=state.network.num_layers)
         return self._spaces[cache_key]
 
     def sample(self, rng_key, *, observed: Mapping | None = None, num_samples: int, sampler=None,

@@ -11,6 +11,7 @@ import pytest
 from numpyro_simformer import NetworkConfig, Simformer, TrainingConfig
 from numpyro_simformer.diagnostics import c2st_fast
 from numpyro_simformer.diagnostics.c2st import c2st_null_std
+from numpyro_simformer.nn import reachable_tokens
 from numpyro_simformer.tokens.grouping import AUTO_GROUPING_THRESHOLD
 
 from helpers import TINY
@@ -165,3 +166,38 @@ def test_a_grouped_checkpoint_loads_with_its_grouping_and_answers_identically(rn
     before = sf.sample(rng_key, observed=observed, num_samples=5).posterior["theta"].values
     after = loaded.sample(rng_key, observed=observed, num_samples=5).posterior["theta"].values
     np.testing.assert_array_equal(before, after)
+
+
+# --- sampling passes leave out the tokens no latent token reaches ---------------------------
+
+
+def test_reachable_tokens_walk_the_attention_mask_one_link_per_layer():
+    chain = np.eye(5, dtype=bool) | np.eye(5, k=1, dtype=bool) | np.eye(5, k=-1, dtype=bool)
+    start = np.array([True, False, False, False, False])
+    for layers, expected in [(0, [0]), (1, [0, 1]), (2, [0, 1, 2]), (10, [0, 1, 2, 3, 4])]:
+        assert list(np.flatnonzero(reachable_tokens(chain, start, layers))) == expected
+
+
+@pytest.mark.filterwarnings("ignore:Draws of")
+@pytest.mark.parametrize("elements_per_token", [None, 5])
+def test_a_pruned_sampling_pass_gives_the_unpruned_draws(rng_key, elements_per_token):
+    """theta[i] - x[i] pairs are independent: a query on a few pairs runs on their tokens only."""
+    options = {} if elements_per_token is None else {"elements_per_token": elements_per_token}
+    sf = Simformer(elementwise_model, **options, **TINY).fit(rng_key)
+    theta, x = np.full(20, np.nan), np.linspace(-1, 1, 20)
+    theta[:7] = 0.3  # pairs 0..6 fully observed: their tokens are left out of the pass
+    x[17:] = np.nan
+    observed = {"theta": theta, "x": x}
+    space = sf.query_space(None)
+    mask = np.isfinite(np.concatenate([theta, x]))[None]
+    kept = space.relevant_tokens(mask)
+    num_tokens = 40 if elements_per_token is None else 8
+    assert kept is not None and len(kept) < num_tokens
+    if elements_per_token is None:  # the latent elements and the x elements of their pairs
+        assert list(kept) == list(range(7, 20)) + list(range(27, 40))
+    pruned = sf.sample(jax.random.key(3), observed=observed, num_samples=64)
+    space.num_layers = None  # the whole network, every token
+    full = sf.sample(jax.random.key(3), observed=observed, num_samples=64)
+    for group in ("posterior", "posterior_predictive"):
+        for name in pruned[group].data_vars:
+            np.testing.assert_allclose(pruned[group][name].values, full[group][name].values, rtol=1e-4, atol=1e-4)

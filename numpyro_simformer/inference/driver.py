@@ -24,6 +24,7 @@ import numpy as np
 from numpyro_simformer.diffusion.score import build_score_fn
 from numpyro_simformer.model.spec import ModelSpec
 from numpyro_simformer.model.variable import variable_token_mask
+from numpyro_simformer.nn import build_denoiser_fn, reachable_tokens
 from numpyro_simformer.samplers.guidance import build_interval_score_fn
 from numpyro_simformer.tokens.transforms import TokenTransform
 from numpyro_simformer.training.state import spec_denoiser_fn
@@ -64,6 +65,9 @@ class QuerySpace:
         sde: the diffusion.
         points_per_dim: the most positions per variable dim one network pass saw in training.
         query_kwargs: the model's keyword arguments of a query at new arguments (``None``: the training ones).
+        num_layers: the network's attention layers: a sampling pass leaves out the tokens
+            farther than this from every latent token in the attention mask (they cannot
+            change the latent tokens' scores; :meth:`relevant_tokens`). ``None``: no pruning.
     """
 
     spec: ModelSpec
@@ -73,6 +77,7 @@ class QuerySpace:
     sde: Any
     points_per_dim: int
     query_kwargs: dict | None = None
+    num_layers: int | None = None
     sample_fns: dict = field(default_factory=dict)
     log_prob_fns: dict = field(default_factory=dict)
     deterministic: tuple | None = None  # ({name: dims}, random_outside), read on first use
@@ -94,11 +99,41 @@ class QuerySpace:
         """``{dim: values}`` of the coordinate dims, for the DataTree."""
         return self.spec.coordinate_values()
 
-    def sample_fn(self, sampler, chunk: int, guidance=None, batched: bool = False):
-        """The cached :func:`build_sample_fn` of this space."""
-        key = (sampler, chunk, guidance, batched)
+    def relevant_tokens(self, condition_mask) -> tuple[int, ...] | None:
+        """The network tokens a sampling pass needs, for (num_observations, num_elements) masks.
+
+        A latent element's score after ``num_layers`` masked attention layers depends only
+        on the tokens reachable from its token in that many steps of the attention mask;
+        the scores of observed elements are never used. So the tokens that no latent token
+        reaches (observed distractors, the far end of a chain) are left out of the pass:
+        the same draws up to floating-point rounding, at the cost of the tokens kept.
+        ``None`` when every token is needed, or the model has variable-size dims (whose
+        tokens count their node's tokens) or no ``num_layers`` is known.
+        """
+        if self.num_layers is None or self.spec.variable_dims is not None:
+            return None
+        latent = ~np.asarray(condition_mask, dtype=bool).reshape(-1, np.shape(condition_mask)[-1]).all(axis=0)
+        grouping = self.spec.grouping
+        if grouping is None:
+            start, mask = latent, self.spec.attention_mask
+        else:
+            members = grouping.members
+            start = (np.where(members >= 0, latent[np.maximum(members, 0)], False)).any(axis=1)
+            mask = grouping.attention_mask
+        reached = reachable_tokens(mask, start, self.num_layers)
+        return None if reached.all() else tuple(int(i) for i in np.flatnonzero(reached))
+
+    def sample_fn(self, sampler, chunk: int, guidance=None, batched: bool = False, tokens=None):
+        """The cached :func:`build_sample_fn` of this space, over the network tokens ``tokens`` (all: ``None``)."""
+        key = (sampler, chunk, guidance, batched, tokens)
         if key not in self.sample_fns:
-            self.sample_fns[key] = build_sample_fn(self.score_fn, self.sde, sampler, chunk, guidance=guidance,
+            score_fn = self.score_fn
+            if tokens is not None:
+                layout = self.layout
+                denoiser = build_denoiser_fn(self.graphdef, self.constants, layout.node_ids, layout.coordinates,
+                                             self.spec.attention_mask, grouping=self.spec.grouping, tokens=tokens)
+                score_fn = build_score_fn(denoiser, self.sde)
+            self.sample_fns[key] = build_sample_fn(score_fn, self.sde, sampler, chunk, guidance=guidance,
                                                    batched=batched)
         return self.sample_fns[key]
 
@@ -195,7 +230,7 @@ def _sample_single(rng_key, space, sampler, params, z_observed, condition_mask, 
     """(num_samples, num_tokens) in z-space for one observation."""
     chunk = min(batch_size, num_samples)
     num_chunks = -(-num_samples // chunk)
-    sample_fn = space.sample_fn(sampler, chunk, guidance)
+    sample_fn = space.sample_fn(sampler, chunk, guidance, tokens=space.relevant_tokens(condition_mask))
     keys = jax.random.split(rng_key, num_chunks)
     bar, parts = _progress(progress_bar, num_chunks), []
     for key in keys:
@@ -216,7 +251,7 @@ def _sample_batched(rng_key, space, sampler, params, z_observed, condition_mask,
     num_chunks = -(-num_samples // chunk)
     num_observations = z_observed.shape[0]
     group = min(num_observations, max(1, batch_size // chunk))
-    sample_fn = space.sample_fn(sampler, chunk, guidance, batched=True)
+    sample_fn = space.sample_fn(sampler, chunk, guidance, batched=True, tokens=space.relevant_tokens(condition_mask))
     keys = jnp.stack([jax.random.split(jax.random.fold_in(rng_key, index), num_chunks)
                       for index in range(num_observations)])
     padded = -(-num_observations // group) * group

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 __all__ = ["NetworkConfig", "SimformerNetwork", "build_denoiser_fn"]
@@ -204,10 +205,13 @@ class SimformerNetwork(nnx.Module):
             + coordinate_tokens[None]
         )
         predicted = self._transform(tokens, time, attention_mask)
-        return predicted.reshape(predicted.shape[:-2] + (-1,))[..., positions]
+        flat = predicted.reshape(predicted.shape[:-2] + (-1,))
+        # one zero after the tokens' outputs: where the elements of tokens left out of a pass point
+        flat = jnp.concatenate([flat, jnp.zeros(flat.shape[:-1] + (1,), flat.dtype)], axis=-1)
+        return flat[..., positions]
 
 
-def build_denoiser_fn(graphdef, constants, node_ids, coordinates, attention_mask, grouping=None):
+def build_denoiser_fn(graphdef, constants, node_ids, coordinates, attention_mask, grouping=None, tokens=None):
     """A pure ``denoiser_fn(params, values, time, condition_mask) -> noise`` over the state.
 
     ``graphdef, params, constants = nnx.split(network, nnx.Param, ...)``; the trainable
@@ -222,12 +226,23 @@ def build_denoiser_fn(graphdef, constants, node_ids, coordinates, attention_mask
     element vectors to element vectors; the network's tokens are the grouping's (their node
     ids ``0 .. num_tokens - 1``, coordinate 0, the grouping's attention mask), and
     ``node_ids``, ``coordinates`` and ``attention_mask`` are the grouping's business.
+
+    ``tokens``: optional sorted indices of the network's tokens (the grouping's, or the
+    layout's) to run the network on; the others are left out of the pass and their
+    elements get noise 0. The function keeps its element-vector signature (no overrides).
+    Tokens that no wanted output can reach through the attention mask in
+    ``num_layers`` steps change nothing (:func:`reachable_tokens`).
     """
     if grouping is not None:
-        members, positions = jnp.asarray(grouping.members), jnp.asarray(grouping.element_positions())
-        token_ids = jnp.arange(grouping.num_tokens, dtype=jnp.int32)
-        token_coordinates = jnp.zeros(grouping.num_tokens, jnp.float32)
-        token_mask = jnp.asarray(grouping.attention_mask, dtype=bool)
+        kept = np.arange(grouping.num_tokens) if tokens is None else np.asarray(tokens, dtype=np.int64)
+        members = grouping.members[kept]
+        flat, positions = members.reshape(-1), np.full(grouping.num_elements, members.size, np.int32)
+        used = np.flatnonzero(flat >= 0)
+        positions[flat[used]] = used
+        members, positions = jnp.asarray(members), jnp.asarray(positions)
+        token_ids = jnp.asarray(kept, dtype=jnp.int32)
+        token_coordinates = jnp.zeros(kept.size, jnp.float32)
+        token_mask = jnp.asarray(np.asarray(grouping.attention_mask, dtype=bool)[np.ix_(kept, kept)])
 
         def grouped_denoiser_fn(params, values, time, condition_mask):
             network = nnx.merge(graphdef, params, constants)
@@ -235,6 +250,20 @@ def build_denoiser_fn(graphdef, constants, node_ids, coordinates, attention_mask
                            members=members, positions=positions)
 
         return grouped_denoiser_fn
+    if tokens is not None:
+        kept = np.asarray(tokens, dtype=np.int64)
+        kept_ids = jnp.asarray(np.asarray(node_ids)[kept])
+        kept_coordinates = jnp.asarray(np.asarray(coordinates, dtype=np.float32)[kept])
+        kept_mask = jnp.asarray(np.asarray(attention_mask, dtype=bool)[np.ix_(kept, kept)])
+        index = jnp.asarray(kept)
+
+        def subset_denoiser_fn(params, values, time, condition_mask):
+            network = nnx.merge(graphdef, params, constants)
+            noise = network(values[..., index], time, condition_mask[..., index], kept_ids, kept_coordinates,
+                            kept_mask)
+            return jnp.zeros_like(values).at[..., index].set(noise)
+
+        return subset_denoiser_fn
     node_ids = jnp.asarray(node_ids)
     coordinates = jnp.asarray(coordinates, dtype=jnp.float32)
     attention_mask = jnp.asarray(attention_mask, dtype=bool)
@@ -245,3 +274,20 @@ def build_denoiser_fn(graphdef, constants, node_ids, coordinates, attention_mask
         return network(values, time, condition_mask, node_ids, coordinates, attention_mask, present)
 
     return denoiser_fn
+
+
+def reachable_tokens(attention_mask, start, num_layers: int) -> np.ndarray:
+    """bool (num_tokens,): the tokens whose inputs can change the outputs of ``start``.
+
+    After ``num_layers`` masked attention layers token ``i``'s output depends on the inputs
+    of the tokens reachable from ``i`` in at most ``num_layers`` steps along ``attention_mask``
+    (``[i, j]``: i attends to j); every other part of a layer acts token by token.
+    """
+    mask = np.asarray(attention_mask, dtype=bool)
+    reached = np.asarray(start, dtype=bool).copy()
+    for _ in range(num_layers):
+        grown = reached | mask[reached].any(axis=0)
+        if (grown == reached).all():
+            break
+        reached = grown
+    return reached
