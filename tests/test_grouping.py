@@ -201,3 +201,85 @@ def test_a_pruned_sampling_pass_gives_the_unpruned_draws(rng_key, elements_per_t
     for group in ("posterior", "posterior_predictive"):
         for name in pruned[group].data_vars:
             np.testing.assert_allclose(pruned[group][name].values, full[group][name].values, rtol=1e-4, atol=1e-4)
+
+
+# --- grouping leaves exact answers exact ----------------------------------------------------
+
+NUM_PARAMETERS, CHILDREN, SIGMA = 4, 50, 7.0  # x[j] ~ N(theta[j // 50], 7^2): 200 data elements
+
+
+def many_children_model():
+    theta = numpyro.sample("theta", dist.Normal(0, 1).expand([NUM_PARAMETERS]).to_event(1))
+    numpyro.sample("x", dist.Normal(jnp.repeat(theta, CHILDREN), SIGMA).to_event(1))
+
+
+@pytest.fixture(scope="module")
+def grouped_gaussian():
+    sf = Simformer(many_children_model, num_simulations=4_000, elements_per_token={"x": 10}, progress_bar=False,
+                   network=NetworkConfig(width=32, num_layers=2, num_heads=2, mlp_width=64),
+                   training=TrainingConfig(max_steps=2_000, batch_size=256, validation_interval=250))
+    return sf.fit(jax.random.key(0))
+
+
+@pytest.mark.slow
+def test_grouped_tokens_keep_the_linear_gaussian_posterior_exact(grouped_gaussian, rng_key):
+    """theta ~ N(0, I), 50 children each: posterior N(sum(x_block) / (49 * 2.02), 1 / 2.02) per theta.
+
+    Its information is spread thinly over five tokens per parameter: before the loss
+    counted tokens rather than elements (the 200 data elements outweighed the 4 parameters
+    50 to 1), this gave 0.67.
+
+    Threshold: 4 null standard deviations of the C2ST accuracy at this sample size plus a
+    fixed approximation budget of 0.05 for a small network trained briefly.
+    """
+    sf, num_samples = grouped_gaussian, 2_000
+    assert sf.spec.grouping.num_tokens == NUM_PARAMETERS + 200 // 10
+    key_x, key_sample, key_reference = jax.random.split(rng_key, 3)
+    theta_true = np.array([1.0, -0.5, 0.3, 0.0])
+    x_o = np.repeat(theta_true, CHILDREN) + SIGMA * np.asarray(jax.random.normal(key_x, (200,)))
+    samples = sf.sample(key_sample, observed={"x": x_o}, num_samples=num_samples).posterior["theta"].values
+    samples = samples.reshape(-1, NUM_PARAMETERS)
+    precision = 1 + CHILDREN / SIGMA**2
+    mean = x_o.reshape(NUM_PARAMETERS, CHILDREN).sum(axis=1) / SIGMA**2 / precision
+    seed = int(jax.random.randint(key_reference, (), 0, 2**30))
+    reference = mean + np.random.default_rng(seed).normal(size=(num_samples, NUM_PARAMETERS)) / np.sqrt(precision)
+    accuracy = c2st_fast(reference, samples)
+    assert accuracy < 0.5 + 4 * c2st_null_std(num_samples, num_samples) + 0.05, accuracy
+
+
+@pytest.mark.slow
+def test_grouped_tokens_keep_the_linear_gaussian_likelihood_exact(grouped_gaussian, rng_key):
+    """x | theta ~ N(repeat(theta, 50), 49 I) over all 200 elements, 20 tokens of 10.
+
+    Every element's standardized mean and spread, and a C2ST over the 20 elements of two
+    tokens (pairs inside one token and across two; a classifier over all 200 takes minutes).
+    """
+    sf, num_samples = grouped_gaussian, 2_000
+    key_sample, key_reference = jax.random.split(rng_key)
+    theta_o = np.array([0.8, -1.2, 0.0, 1.5])
+    samples = sf.sample(key_sample, observed={"theta": theta_o}, num_samples=num_samples)
+    samples = samples.posterior_predictive["x"].values.reshape(-1, 200)
+    residual = (samples - np.repeat(theta_o, CHILDREN)) / SIGMA
+    np.testing.assert_array_less(np.abs(residual.mean(axis=0)), 5 / np.sqrt(num_samples) + 0.1)
+    np.testing.assert_array_less(np.abs(residual.std(axis=0) - 1), 5 / np.sqrt(2 * num_samples) + 0.1)
+    seed = int(jax.random.randint(key_reference, (), 0, 2**30))
+    reference = np.random.default_rng(seed).normal(size=(num_samples, 20))
+    accuracy = c2st_fast(reference, residual[:, 40:60])
+    assert accuracy < 0.5 + 4 * c2st_null_std(num_samples, num_samples) + 0.05, accuracy
+
+
+def test_the_loss_of_a_grouped_layout_counts_each_token_once(rng_key):
+    """Weights 1/k: the loss is the mean over tokens of each token's mean squared error."""
+    from numpyro_simformer.diffusion.loss import example_loss
+    from numpyro_simformer.training.fit import _token_weights
+
+    grouping = Simformer(many_children_model, elements_per_token={"x": 10}, **TINY).read_model(rng_key).grouping
+    weights = _token_weights(grouping)
+    error = np.asarray(jax.random.normal(rng_key, (grouping.num_elements,)))
+    latent_everywhere = jnp.zeros(grouping.num_elements, bool)
+    per_token = [np.mean(error[row[row >= 0]] ** 2) for row in grouping.members]
+    loss = example_loss(jnp.asarray(error), jnp.zeros_like(error), latent_everywhere, jnp.asarray(weights))
+    np.testing.assert_allclose(float(loss), np.mean(per_token), rtol=1e-5)
+    observed_x = latent_everywhere.at[NUM_PARAMETERS:].set(True)  # observed elements add nothing
+    loss = example_loss(jnp.asarray(error), jnp.zeros_like(error), observed_x, jnp.asarray(weights))
+    np.testing.assert_allclose(float(loss), np.sum(error[:NUM_PARAMETERS] ** 2) / len(per_token), rtol=1e-5)

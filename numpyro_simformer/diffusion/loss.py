@@ -33,20 +33,31 @@ def noise_example(rng_key, sde, x0, condition_mask):
     return x_t, time, noise
 
 
-def example_loss(predicted_noise, noise, condition_mask):
-    """Squared error on latent tokens, averaged over all tokens of the example."""
+def example_loss(predicted_noise, noise, condition_mask, element_weights=None):
+    """Squared error on latent tokens, averaged over all tokens of the example.
+
+    ``element_weights``: optional (num_elements,) weights of a grouped layout, ``1 / k``
+    for an element of a token of ``k`` elements, so that each token, not each element,
+    counts once (as with one element per token); the sum is divided by the token count.
+    """
     latent = ~condition_mask
-    return jnp.sum(jnp.where(latent, (predicted_noise - noise) ** 2, 0.0)) / latent.size
+    if element_weights is None:
+        return jnp.sum(jnp.where(latent, (predicted_noise - noise) ** 2, 0.0)) / latent.size
+    squared = element_weights * (predicted_noise - noise) ** 2
+    return jnp.sum(jnp.where(latent, squared, 0.0)) / jnp.sum(element_weights)
 
 
-def build_example_losses_fn(denoiser_fn, sde):
+def build_example_losses_fn(denoiser_fn, sde, element_weights=None):
     """``losses(params, keys, x0, condition_mask, structure=None) -> (batch,)``: one loss per example.
 
     ``keys`` holds one key per example (its time and noise), so a batch scored in pieces
     with the matching pieces of ``keys`` gives the losses of the whole batch scored at once.
     ``structure``: optional per-example ``(coordinates, attention_mask, present)`` passed
     to the denoiser (training on random subsets of variable-size dims).
+    ``element_weights``: as in :func:`example_loss` (a grouped layout's tokens count once).
     """
+    if element_weights is not None:
+        element_weights = jnp.asarray(element_weights, dtype=jnp.float32)
 
     def losses(params, keys, x0, condition_mask, structure=None):
         x_t, time, noise = jax.vmap(lambda key, x, mask: noise_example(key, sde, x, mask))(
@@ -54,7 +65,7 @@ def build_example_losses_fn(denoiser_fn, sde):
         )
         extra = {} if structure is None else dict(zip(("coordinates", "attention_mask", "present"), structure))
         predicted = denoiser_fn(params, network_input(sde, x_t, time, condition_mask), time, condition_mask, **extra)
-        return jax.vmap(example_loss)(predicted, noise, condition_mask)
+        return jax.vmap(lambda p, n, m: example_loss(p, n, m, element_weights))(predicted, noise, condition_mask)
 
     return losses
 

@@ -92,7 +92,7 @@ def fit_state(rng_key, spec: ModelSpec, draws: dict[str, np.ndarray], info: Simu
         denoiser_fn = functools.partial(denoiser_fn, node_ids=jnp.asarray(subsample.template.node_ids))
     start = time.perf_counter()
     params, history = train(
-        key_train, build_example_losses_fn(denoiser_fn, sde), params, data, data_mask, training, condition_masks,
+        key_train, build_example_losses_fn(denoiser_fn, sde, _token_weights(spec.grouping)), params, data, data_mask, training, condition_masks,
         progress_bar=progress_bar,
         checkpoint_tag=repr((layout.labels, network, variable_size, sde, np.packbits(spec.attention_mask).tobytes(),
                              points_per_dim, None if spec.grouping is None else spec.grouping.members.tobytes())),
@@ -101,6 +101,22 @@ def fit_state(rng_key, spec: ModelSpec, draws: dict[str, np.ndarray], info: Simu
     return FittedState(spec=spec, transform=transform, network=network, sde=sde, graphdef=graphdef,
                        constants=constants, params=params, history=history, simulation_info=info,
                        simulation_time=simulation_time, training_time=time.perf_counter() - start)
+
+
+def _token_weights(grouping):
+    """``1 / k`` per element of a token of ``k`` elements (``None`` without grouping).
+
+    With these weights the loss averages over tokens, as with one element per token: a site
+    of 200 elements in 20 tokens weighs as 20 tokens beside a parameter's 4, not as 200.
+    """
+    if grouping is None:
+        return None
+    members = np.asarray(grouping.members)
+    weights = np.zeros(grouping.num_elements, np.float32)
+    for row in members:
+        row = row[row >= 0]
+        weights[row] = 1.0 / len(row)
+    return weights
 
 
 def _release_freed_memory() -> None:
