@@ -1,0 +1,265 @@
+"""The sbibm suite through `Simulator`: each task's prior and simulator, wrapped as a user would.
+
+The tasks, observations and reference posteriors come from ``sbibm-jax`` (the MIT-licensed
+JAX/NumPyro port of sbibm), not from this library. Each task becomes the two-line model a
+user writes::
+
+    theta = numpyro.sample("theta", task.get_prior_dist())
+    numpyro.sample("x", Simulator(lambda key, theta: simulator(key, theta[None])[0], theta))
+
+and ``Simformer(model, num_simulations=budget)`` is fitted with **default settings**. NPE
+(``benchmarks/npe.py``'s flow and training) runs on the same simulator, prior and
+observations. Each (task, budget, method, seed) runs in a fresh subprocess (its peak
+memory is its own); rows are appended to ``benchmarks/results/<name>.csv`` as they finish,
+an interrupted run resumes, and a markdown table is written beside it with the published
+numbers (the paper's Simformer, GenSBI's Flux1Joint at 10^4).
+
+    python benchmarks/sbibm_suite.py --tasks slcp_distractors two_moons --budgets 10000 \\
+        --methods simformer npe --observations 1 2 3
+
+Not a test: hours on 2 cores for the whole suite. Needs the ``benchmarks`` extra.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+TASKS = ["two_moons", "gaussian_linear", "gaussian_linear_uniform", "gaussian_mixture", "slcp", "slcp_distractors",
+         "bernoulli_glm", "bernoulli_glm_raw", "sir", "lotka_volterra"]
+FIELDS = [
+    "task", "num_simulations", "method", "seed", "query", "c2st_mlp", "mlp_early_stopping", "num_c2st_samples",
+    "tokens", "simulation_s", "training_s", "steps", "num_samples", "sampling_s", "peak_rss_mib", "simulations_invalid", "code",
+    "machine", "date",
+]
+# The paper's Simformer (random forest C2ST, read from its figures; the graph-masked variant)
+# and GenSBI's Flux1Joint (its README, 10^4 simulations), for the tasks they report.
+PAPER = {"two_moons": {1_000: 0.611, 10_000: 0.525}, "gaussian_linear": {1_000: 0.540, 10_000: 0.507},
+         "gaussian_mixture": {1_000: 0.572, 10_000: 0.515}, "slcp": {1_000: 0.831, 10_000: 0.646}}
+GENSBI = {"two_moons": 0.522, "slcp": 0.663, "bernoulli_glm": 0.630}
+
+
+def machine() -> str:
+    import os
+
+    return f"{platform.machine()}, {os.cpu_count()} cores"
+
+
+def code_version() -> str:
+    result = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--", "numpyro_simformer"], capture_output=True,
+                           text=True, cwd=HERE).stdout.strip()
+    return result.stdout.strip() + ("+dirty" if dirty else "")
+
+
+def user_model(task):
+    """The model a user writes around sbibm's batched simulator: prior site, Simulator site."""
+    import jax
+    import numpyro
+
+    from numpyro_simformer import Simulator
+
+    batched = task.get_simulator(jax.random.key(0))  # its key argument is unused: each call passes its own
+
+    def model():
+        theta = numpyro.sample("theta", task.get_prior_dist())
+        numpyro.sample("x", Simulator(lambda key, theta: batched(key, theta[None])[0], theta))
+
+    return model
+
+
+def _simformer(args, task, key_fit):
+    """(sample(key, x_o, n) -> theta draws, info dict) from a default-settings Simformer."""
+    import numpy as np
+
+    from numpyro_simformer import Simformer
+
+    sf = Simformer(user_model(task), num_simulations=args.num_simulations, progress_bar=False).fit(key_fit)
+    grouping = sf.spec.grouping
+    info = {"tokens": grouping.num_tokens if grouping is not None else len(sf.spec.layout.labels),
+            "simulation_s": round(sf.simulation_time, 1), "training_s": round(sf.training_time, 1),
+            "steps": int(sf.history.step[-1]), "simulations_invalid": sf.simulation_info.num_invalid}
+
+    def sample(key, x_o, num_samples):
+        tree = sf.sample(key, observed={"x": x_o}, num_samples=num_samples)
+        return np.asarray(tree.posterior["theta"].values).reshape(num_samples, -1)
+
+    return sample, info
+
+
+def _npe(args, task, key_fit):
+    """The same (sample, info) from ``benchmarks/npe.py``'s flow, on the same prior and simulator."""
+    import jax
+    import numpy as np
+
+    sys.path.insert(0, str(HERE))
+    from npe import sample_posterior, train_npe
+
+    key_simulate, key_train = jax.random.split(key_fit)
+    key_prior, key_data = jax.random.split(key_simulate)
+    prior = task.get_prior_dist()
+    start = time.perf_counter()
+    theta = prior.sample(key_prior, (args.num_simulations,))
+    x = task.get_simulator(key_data)(key_data, theta)
+    theta, x = np.asarray(theta, np.float64), np.asarray(x, np.float64)
+    simulation_s = time.perf_counter() - start
+    valid = np.all(np.isfinite(theta), axis=1) & np.all(np.isfinite(x), axis=1)
+    theta, x = theta[valid], x[valid]
+    theta_mean, theta_std = theta.mean(0), np.where(theta.std(0) > 0, theta.std(0), 1.0)
+    x_mean, x_std = x.mean(0), np.where(x.std(0) > 0, x.std(0), 1.0)
+    flow, stats = train_npe(key_train, (theta - theta_mean) / theta_std, (x - x_mean) / x_std, args)
+
+    def inside(draws):
+        return np.asarray(prior.support.check(draws)).reshape(len(draws), -1).all(axis=1)
+
+    def sample(key, x_o, num_samples):
+        draws, _ = sample_posterior(flow, key, (x_o - x_mean) / x_std, theta_mean, theta_std, inside, num_samples)
+        return draws
+
+    info = {"tokens": "", "simulation_s": round(simulation_s, 1), "training_s": round(stats["training_s"], 1),
+            "steps": stats["steps"], "simulations_invalid": int((~valid).sum())}
+    return sample, info
+
+
+def single_run(args) -> list[dict]:
+    """Fit one method on one task and budget, score each observation (inside the subprocess)."""
+    import jax
+    import numpy as np
+    import sbibm_jax
+
+    from numpyro_simformer.diagnostics import c2st
+
+    task = sbibm_jax.get_task(args.task)
+    key_fit, key_sample = jax.random.split(jax.random.key(args.seed))
+    sample, info = (_simformer if args.method == "simformer" else _npe)(args, task, key_fit)
+    rows = []
+    for number in args.observations:
+        x_o = np.asarray(task.get_observation(number), np.float64).reshape(-1)
+        reference = np.asarray(task.get_reference_posterior_samples(number), np.float64)
+        start = time.perf_counter()
+        estimate = sample(jax.random.fold_in(key_sample, number), x_o, args.num_samples)
+        sampling_s = time.perf_counter() - start
+        n = min(args.num_c2st_samples, len(estimate), len(reference))
+        rows.append({
+            "task": args.task, "num_simulations": args.num_simulations, "method": args.method, "seed": args.seed,
+            "query": f"observation {number}",
+            "c2st_mlp": round(c2st(reference[:n], estimate[:n], early_stopping=args.mlp_early_stopping), 4),
+            "mlp_early_stopping": args.mlp_early_stopping, "num_c2st_samples": n, **info,
+            "num_samples": args.num_samples, "sampling_s": round(sampling_s, 2),
+            "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+            "code": args.code, "machine": machine(), "date": time.strftime("%Y-%m-%d"),
+        })
+    return rows
+
+
+def _rows(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    with path.open() as handle:
+        return list(csv.DictReader(handle))
+
+
+def write_markdown(csv_path: Path) -> Path:
+    """Mean C2ST per (task, budget, method) over its observations, published numbers beside it."""
+    import numpy as np
+
+    rows = _rows(csv_path)
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["task"], int(row["num_simulations"]), row["method"], row["code"]), []).append(row)
+    lines = [
+        "| task | simulations | method | C2ST (sbibm MLP) | observations | paper Simformer (RF) | GenSBI Flux1Joint | "
+        "tokens | simulation s | training s | steps | s per 10,000 draws | peak RSS MiB | code |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    order = {name: index for index, name in enumerate(TASKS)}
+    for (task, budget, method, code), group in sorted(groups.items(), key=lambda item: (order.get(item[0][0], 99),
+                                                                                       item[0][1:])):
+        mean = lambda key: np.mean([float(r[key]) for r in group])  # noqa: E731
+        paper = PAPER.get(task, {}).get(budget) if method == "simformer" else None
+        gensbi = GENSBI.get(task) if budget == 10_000 and method == "simformer" else None
+        numbers = ", ".join(r["query"].split()[-1] for r in group)
+        per_10k = np.mean([float(r["sampling_s"]) * 10_000 / int(r["num_samples"]) for r in group])
+        lines.append(
+            f"| {task} | {budget:,} | {method} | {mean('c2st_mlp'):.3f} | {numbers} | "
+            f"{'' if paper is None else f'{paper:.3f}'} | {'' if gensbi is None else f'{gensbi:.3f}'} | "
+            f"{group[0]['tokens']} | {mean('simulation_s'):.0f} | {mean('training_s'):.0f} | {mean('steps'):.0f} | "
+            f"{per_10k:.0f} | {mean('peak_rss_mib'):.0f} | {code} |")
+    lines += ["", f"Machine: {rows[0]['machine'] if rows else machine()}. C2ST with "
+              f"{rows[0]['num_c2st_samples'] if rows else 10_000} samples per side; the paper's column is its "
+              "random-forest C2ST, GenSBI's its own. 'code' is the commit each row ran."]
+    out = csv_path.with_suffix(".md")
+    out.write_text("\n".join(lines) + "\n")
+    return out
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--name", default="sbibm_suite", help="results file stem under benchmarks/results/")
+    parser.add_argument("--tasks", nargs="+", default=TASKS, choices=TASKS)
+    parser.add_argument("--budgets", nargs="+", type=int, default=[1_000, 10_000])
+    parser.add_argument("--methods", nargs="+", default=["simformer", "npe"], choices=["simformer", "npe"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--observations", nargs="+", type=int, default=list(range(1, 11)))
+    parser.add_argument("--num-samples", type=int, default=10_000)
+    parser.add_argument("--num-c2st-samples", type=int, default=10_000)
+    parser.add_argument("--mlp-early-stopping", action="store_true", help="early-stopped MLP C2ST (faster)")
+    # NPE's flow and training: benchmarks/npe.py's defaults (sbi's NPE defaults)
+    parser.add_argument("--flow-layers", type=int, default=5)
+    parser.add_argument("--hidden", type=int, default=50)
+    parser.add_argument("--depth", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=200)
+    parser.add_argument("--learning-rate", type=float, default=5e-4)
+    parser.add_argument("--patience", type=int, default=20)
+    parser.add_argument("--max-epochs", type=int, default=5000)
+    parser.add_argument("--single", nargs=4, metavar=("TASK", "BUDGET", "METHOD", "SEED"), help=argparse.SUPPRESS)
+    parser.add_argument("--code", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.single:
+        args.task, budget, args.method, seed = args.single
+        args.num_simulations, args.seed = int(budget), int(seed)
+        print(json.dumps(single_run(args)))
+        return
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    csv_path = RESULTS / f"{args.name}.csv"
+    code = code_version()
+    done = {(r["task"], int(r["num_simulations"]), r["method"], int(r["seed"]), r["code"]) for r in _rows(csv_path)}
+    runs = [(t, b, m, s) for t in args.tasks for b in args.budgets for m in args.methods for s in args.seeds]
+    for number, (task, budget, method, seed) in enumerate(runs, 1):
+        if (task, budget, method, seed, code) in done:
+            print(f"[{number}/{len(runs)}] {task} {budget} {method} seed {seed}: done already at {code}")
+            continue
+        print(f"[{number}/{len(runs)}] {task} {budget} {method} seed {seed} ...", flush=True)
+        start = time.perf_counter()
+        result = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--code", code,
+                                 "--single", task, str(budget), method, str(seed)], capture_output=True, text=True)
+        if result.returncode:
+            print(result.stderr[-3000:])
+            raise SystemExit(f"run {task} {budget} {method} {seed} failed")
+        rows = json.loads(result.stdout.strip().splitlines()[-1])
+        new = not csv_path.exists()
+        with csv_path.open("a", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=FIELDS)
+            if new:
+                writer.writeheader()
+            writer.writerows(rows)
+        summary = ", ".join(f"{r['query'].split()[-1]}: {r['c2st_mlp']}" for r in rows)
+        print(f"    {time.perf_counter() - start:.0f} s (training {rows[0]['training_s']} s); C2ST {summary}",
+              flush=True)
+    if csv_path.exists():
+        print(write_markdown(csv_path).read_text())
+
+
+if __name__ == "__main__":
+    main()
