@@ -244,16 +244,63 @@ def test_black_box_edges_are_found_exactly(kind):
     np.testing.assert_array_equal(parents, expected(labels, SPARSE_EDGES))
 
 
-def test_default_marginalises_noise_the_outputs_may_share():
-    """Shared noise cannot be seen from outside: by default it is a hidden parent of every
-    output, removed by arc reversal. The noise-only x[3] goes first and keeps no parent; each
-    later output gains the earlier ones and their parents."""
-    labels, parents = dependency_matrix(sparse_model(SITES["jax"]))
+@pytest.mark.parametrize("kind, stated", [("jax", True), ("numpy", None), ("numpy_per_draw", None)])
+def test_shared_noise_is_marginalised(kind, stated):
+    """Noise shared by every output (stated, or assumed where the draws cannot be read: a
+    NumPy function) is a hidden parent of every output, removed by arc reversal. The
+    noise-only x[3] goes first and keeps no parent; each later output gains the earlier ones
+    and their parents."""
+    extra = {} if stated is None else {"shared_noise": stated}
+    labels, parents = dependency_matrix(sparse_model(lambda theta: SITES[kind](theta, **extra)))
     edges = {"x[0]": ["theta[0]", "x[3]"], "x[1]": ["theta[1]", "x[3]", "x[0]", "theta[0]"],
              "x[2]": ["theta[0]", "theta[2]", "x[3]", "x[0]", "x[1]", "theta[1]"]}
     np.testing.assert_array_equal(parents, expected(labels, edges))
     mask = attention_mask(parents)
     assert mask[labels.index("x[3]"), :3].all(), "given the other outputs, a distractor with shared noise informs theta"
+
+
+def test_default_reads_which_draws_a_jax_simulator_shares():
+    """sparse_jax gives each output its own normal draw: by default that is read from the
+    function, and the graph is the one stated with shared_noise=False."""
+    labels, parents = dependency_matrix(sparse_model(SITES["jax"]))
+    np.testing.assert_array_equal(parents, expected(labels, SPARSE_EDGES))
+
+
+def shared_draws(rng_key, theta):
+    """x[0] and x[1] share the draw e[0]; x[2] and x[4] share a categorical index (a
+    threshold on random bits); x[3] has its own gamma variate; x[5] its own normal."""
+    key_normal, key_index, key_gamma = jax.random.split(rng_key, 3)
+    e = jax.random.normal(key_normal, (3,))
+    index = jax.random.categorical(key_index, jnp.zeros(4))
+    levels = jnp.array([0.0, 1.0, 2.0, 3.0])
+    return jnp.stack([theta[0] + e[0], theta[1] + e[0] + e[1], levels[index] + theta[0],
+                      jax.random.gamma(key_gamma, 2.0), 2.0 * levels[index], e[2]])
+
+
+def test_noise_links_found_from_the_draws():
+    site = Simulator(shared_draws, jnp.array([0.3, -1.0]))
+    links, reason = site.noise_links(jax.random.key(3))
+    assert reason == ""
+    expected_links = np.eye(6, dtype=bool)
+    for i, j in [(0, 1), (2, 4)]:
+        expected_links[i, j] = expected_links[j, i] = True
+    np.testing.assert_array_equal(links, expected_links)
+
+
+def test_draws_in_a_loop_are_not_read_and_every_output_is_linked():
+    site = Simulator(lambda key, rate: jax.random.poisson(key, rate, (3,)).astype(jnp.float32), jnp.float32(2.0))
+    links, reason = site.noise_links(jax.random.key(0))
+    assert links.all() and "while" in reason
+    numpy_site = SITES["numpy"](jnp.zeros(3))
+    links, reason = numpy_site.noise_links(jax.random.key(0))
+    assert links.all() and "NumPy" in reason
+    stated = Simulator(sparse_jax, jnp.zeros(3), shared_noise=False).noise_links(jax.random.key(0))
+    np.testing.assert_array_equal(stated[0], np.eye(4, dtype=bool))
+
+
+def test_shared_noise_must_be_auto_a_bool_or_a_matrix():
+    with pytest.raises(ValueError, match="'auto', True, False"):
+        Simulator(sparse_jax, jnp.zeros(3), shared_noise="yes")
 
 
 def distractor_model(shared_noise):
@@ -272,8 +319,9 @@ def distractor_model(shared_noise):
     return model
 
 
-def test_distractors_have_no_parents_and_are_masked_from_the_parameters():
-    labels, parents = dependency_matrix(distractor_model(shared_noise=False))
+@pytest.mark.parametrize("shared_noise", [False, "auto"])
+def test_distractors_have_no_parents_and_are_masked_from_the_parameters(shared_noise):
+    labels, parents = dependency_matrix(distractor_model(shared_noise=shared_noise))
     edges = {"x[3]": ["theta[0]"], "x[4]": ["theta[1]"]}
     np.testing.assert_array_equal(parents, expected(labels, edges))
     mask = attention_mask(parents)
@@ -391,6 +439,7 @@ def test_black_box_posterior_matches_exact(rng_key):
 
 
 @pytest.mark.parametrize("shared_noise, married", [(False, {("theta[2]", "theta[0]")}),
+                                                   ("auto", {("theta[2]", "theta[0]")}),
                                                    (True, {("theta[1]", "theta[0]"), ("theta[2]", "theta[0]"),
                                                            ("theta[2]", "theta[1]")})])
 def test_observed_simulator_marries_the_parents_it_couples(shared_noise, married):

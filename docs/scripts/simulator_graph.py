@@ -32,21 +32,21 @@ def simulator(rng_key, theta):
     return jnp.concatenate([distractors[:2], signal, distractors[2:]])
 
 
-def model(shared_noise=True):
+def model(shared_noise="auto"):
     theta = numpyro.sample("theta", dist.Uniform(-3, 3).expand([2]).to_event(1))
     numpyro.sample("x", Simulator(simulator, theta, shared_noise=shared_noise))
 
 
 def main() -> None:
     labels, parents = dependency_matrix(model)
-    _, independent = dependency_matrix(model, shared_noise=False)
+    _, shared = dependency_matrix(model, shared_noise=True)
     for i, label in enumerate(labels):
-        print(f"{label:>8} <- {[labels[j] for j in independent[i].nonzero()[0]]}")
+        print(f"{label:>8} <- {[labels[j] for j in parents[i].nonzero()[0]]}")
     figure, axes = plt.subplots(1, 3, figsize=(15, 5.4))
-    plot_dependencies(labels, parents, ax=axes[0], title="parents (default: outputs may share noise)")
-    plot_dependencies(labels, attention_mask(parents), ax=axes[1], title="attention mask (default)")
-    plot_dependencies(labels, attention_mask(independent), ax=axes[2],
-                      title="attention mask (shared_noise=False)")
+    plot_dependencies(labels, shared, ax=axes[0], title="parents (shared_noise=True)")
+    plot_dependencies(labels, attention_mask(shared), ax=axes[1], title="attention mask (shared_noise=True)")
+    plot_dependencies(labels, attention_mask(parents), ax=axes[2],
+                      title="attention mask (default: noise read from the function)")
     figure.tight_layout()
     path = Path(__file__).resolve().parents[1] / "images" / "simulator-distractors.png"
     figure.savefig(path, dpi=100)

@@ -17,8 +17,9 @@ module finds each token's direct parents from the model itself (notes, section 6
    its terms are its output elements, and their edges compose two parts: which latent
    elements move the simulator's inputs (step 3, applied to the inputs) and which inputs
    move which outputs with the noise held fixed (:meth:`Simulator.dependence`). Noise that
-   output elements of one simulation may share (its ``shared_noise``; by default all of
-   them) is a hidden parent, marginalised by arc reversal like any non-token site.
+   output elements of one simulation share (read from a JAX function's random draws by
+   :meth:`Simulator.noise_links`, or stated with ``shared_noise``; all of them where it
+   cannot be read) is a hidden parent, marginalised by arc reversal like any non-token site.
 5. Discrete parents and sites that cannot be traced get conservative site-level edges found
    by NumPyro's provenance tracking. A missing edge is a wrong answer; an extra one costs speed.
 6. Parents of an ``obs=`` or ``numpyro.factor`` site are married; latent non-token sites
@@ -351,7 +352,7 @@ def _simulator_edges(
     num_draws = len(next(iter(draws.values()))) if draws else 1
     rows = dict(zip([s.name for s in sites], np.cumsum([0] + [math.prod(s.term_shape) for s in sites])))
     found: dict[str, np.ndarray] = {}
-    groups = {s.name: np.zeros(s.size, dtype=int) for s in simulators}
+    links: dict[str, np.ndarray] = {}  # output elements of one simulation that share noise, OR-ed over draws
     for draw in range(num_draws):
         values = {name: value[draw] for name, value in draws.items()}
         try:  # eager: a Simulator's dependence runs the user's function on concrete inputs
@@ -364,9 +365,8 @@ def _simulator_edges(
         for site in simulators:
             simulator = _peel(trace[site.name]["fn"])
             try:
-                num_groups, label = connected_components(simulator.shared_noise, directed=False)
-                calls = site.size // max(math.prod(simulator.event_shape), 1)
-                groups[site.name] = (np.arange(calls)[:, None] * num_groups + label[None]).ravel()
+                shared, _ = simulator.noise_links(jax.random.fold_in(rng_key, num_draws + draw))
+                links[site.name] = links.get(site.name, False) | shared
                 if site.name in failed:
                     continue
                 dependence = simulator.dependence(jax.random.fold_in(rng_key, draw))
@@ -376,7 +376,12 @@ def _simulator_edges(
                 found[site.name] = found.get(site.name, False) | dependence[index]
             except Exception as error:  # noqa: BLE001 - this site falls back to site-level edges
                 failed.setdefault(site.name, f"{type(error).__name__}: {error}")
+    groups = {s.name: np.zeros(s.size, dtype=int) for s in simulators}
     for site in simulators:
+        if site.name in links:
+            num_groups, label = connected_components(links[site.name], directed=False)
+            calls = site.size // len(label)
+            groups[site.name] = (np.arange(calls)[:, None] * num_groups + label[None]).ravel()
         if site.name in failed or site.name not in found:
             continue
         from_inputs = input_edges.get(site.name)

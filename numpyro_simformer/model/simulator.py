@@ -87,15 +87,19 @@ class Simulator(dist.Distribution):
         batch_ndims: how many leading axes of every input are batch axes (under a plate
             with per-element inputs: 1). Inputs without per-element values can stay
             unbatched if the plate alone repeats the simulation.
-        shared_noise: which output elements of one simulation may share randomness, which
-            cannot be seen from outside: ``True`` (default, conservative: all of them),
-            ``False`` (each element draws its own noise), or a bool ``(event_size,
-            event_size)`` matrix, True where two elements may share noise (read as groups:
-            its connected components). The dependency graph treats a group's noise as a
-            hidden parent of its elements and marginalises it: the elements are linked and
-            each inherits the parameters of the ones before it. Only ``False`` or a block
-            matrix lets the attention mask keep noise-only outputs (distractors) apart from
-            the parameters; with shared noise they do carry information about them.
+        shared_noise: which output elements of one simulation may share randomness:
+            ``"auto"`` (default) reads it from a JAX function itself, replacing its random
+            draws one element at a time under a fixed key (:meth:`noise_links`); where
+            that cannot be read (a NumPy function, draws inside a loop or a branch such as
+            ``jax.random.poisson``) all elements are taken to share noise. ``True`` states
+            that all of them may, ``False`` that each element draws its own noise, and a
+            bool ``(event_size, event_size)`` matrix marks the pairs that may (read as
+            groups: its connected components). The dependency graph treats a group's
+            noise as a hidden parent of its elements and marginalises it: the elements are
+            linked and each inherits the parameters of the ones before it. Noise-only
+            outputs (distractors) stay apart from the parameters only when their noise is
+            their own; with noise shared with informative outputs they do carry
+            information about the parameters.
 
     Example:
         >>> def simulator(rng_key, theta):
@@ -117,7 +121,7 @@ class Simulator(dist.Distribution):
         event_shape: Sequence[int] | None = None,
         support: constraints.Constraint | None = None,
         batch_ndims: int = 0,
-        shared_noise: bool | np.ndarray = True,
+        shared_noise: bool | np.ndarray | str = "auto",
     ):
         self._setup(fn, inputs, event_shape, support, batch_ndims, shared_noise, is_numpy=False,
                     vectorized=True, dtype=None)
@@ -132,7 +136,7 @@ class Simulator(dist.Distribution):
         vectorized: bool = True,
         support: constraints.Constraint | None = None,
         batch_ndims: int = 0,
-        shared_noise: bool | np.ndarray = True,
+        shared_noise: bool | np.ndarray | str = "auto",
     ) -> "Simulator":
         """A simulator written in NumPy: ``fn(rng: numpy.random.Generator, *inputs) -> ndarray``.
 
@@ -222,7 +226,14 @@ class Simulator(dist.Distribution):
         support = constraints.real if support is None else support
         self._support = constraints.independent(support, len(event_shape)) if event_shape else support
         event_size = math.prod(event_shape)
-        if isinstance(shared_noise, (bool, np.bool_)):
+        if isinstance(shared_noise, str):
+            if shared_noise != "auto":
+                raise ValueError(
+                    f"`shared_noise` for simulator {name!r} must be 'auto', True, False or a bool "
+                    f"matrix; received {shared_noise!r}."
+                )
+            self._shared_noise = None
+        elif isinstance(shared_noise, (bool, np.bool_)):
             matrix = np.full((event_size, event_size), bool(shared_noise)) | np.eye(event_size, dtype=bool)
         else:
             matrix = np.asarray(shared_noise, dtype=bool)
@@ -233,7 +244,8 @@ class Simulator(dist.Distribution):
                     f"received shape {matrix.shape}."
                 )
             matrix = matrix | matrix.T | np.eye(event_size, dtype=bool)
-        self._shared_noise = tuple(map(tuple, matrix.tolist()))  # hashable: pytree metadata
+        if not isinstance(shared_noise, str):
+            self._shared_noise = tuple(map(tuple, matrix.tolist()))  # hashable: pytree metadata
         super().__init__(batch_shape=tuple(batch_shape), event_shape=event_shape, validate_args=False)
 
     # ------------------------------------------------------------------ distribution
@@ -242,9 +254,36 @@ class Simulator(dist.Distribution):
         return self._support
 
     @property
-    def shared_noise(self) -> np.ndarray:
-        """bool ``(event_size, event_size)``: output elements of one simulation that may share noise."""
+    def shared_noise(self) -> np.ndarray | None:
+        """bool ``(event_size, event_size)``: the output elements of one simulation stated to
+        share noise; ``None`` when left to :meth:`noise_links` (``shared_noise="auto"``)."""
+        if self._shared_noise is None:
+            return None
         return np.array(self._shared_noise, dtype=bool).reshape(2 * (math.prod(self.event_shape),))
+
+    def noise_links(self, rng_key, num_keys: int = 2) -> tuple[np.ndarray, str]:
+        """Which output elements of one simulation share noise: ``(links, reason)``.
+
+        ``links`` is bool ``(event_size, event_size)``: the stated ``shared_noise`` if one
+        was given; with ``"auto"``, for a JAX function, True where two elements use a
+        common random draw, found at this site's first simulation's inputs by replacing
+        each draw in turn under ``num_keys`` keys
+        (:func:`~numpyro_simformer.model.noise.find_noise_links`). Where the function
+        cannot be read that way (a NumPy function, random draws inside a loop or branch,
+        too many draws) every pair is linked and ``reason`` says why; else it is ``""``.
+        """
+        size = math.prod(self.event_shape)
+        if self._shared_noise is not None:
+            return self.shared_noise, ""
+        if self.is_numpy:
+            return np.ones((size, size), dtype=bool), "a NumPy function's draws cannot be read"
+        from numpyro_simformer.model.noise import find_noise_links
+
+        first = [x[(0,) * self.batch_ndims] for x in self.inputs]
+        links, reason = find_noise_links(self.fn, rng_key, first, num_keys)
+        if links is None:
+            return np.ones((size, size), dtype=bool), reason
+        return links, ""
 
     @property
     def name(self) -> str:
