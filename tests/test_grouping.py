@@ -121,6 +121,30 @@ def test_distractors_share_tokens_and_stay_unlinked(rng_key):
     assert not linked[1:x_rows[0]].any()  # the noise site reads nothing and is read by nothing
 
 
+def random_walk_distractors(rng_key, theta):
+    """x[0:6]: a random walk (its elements share noise, no parameter); x[6:8]: theta + own noise."""
+    key_walk, key_signal = jax.random.split(rng_key)
+    walk = jnp.cumsum(jax.random.normal(key_walk, (6,)))
+    return jnp.concatenate([walk, theta + 0.1 * jax.random.normal(key_signal, (2,))])
+
+
+def test_distractors_linked_among_themselves_do_not_share_tokens_with_the_signal(rng_key):
+    """The walk's first element has no parent at all, the others only walk elements before
+    them; the signal reads theta. Ordered by outside parents first, the walk fills two
+    tokens and the signal one, so theta's token attends to the signal's token alone."""
+    from numpyro_simformer import Simulator
+
+    def model():
+        theta = numpyro.sample("theta", dist.Normal(0, 1).expand([2]).to_event(1))
+        numpyro.sample("x", Simulator(random_walk_distractors, theta))
+
+    spec = Simformer(model, elements_per_token={"x": 3, "theta": 2}, **TINY).read_model(rng_key)
+    grouping = spec.grouping
+    x_start = spec.layout.slices()["x"].start
+    assert [list(row[row >= 0] - x_start) for row in grouping.members[1:]] == [[0, 1, 2], [3, 4, 5], [6, 7]]
+    np.testing.assert_array_equal(grouping.attention_mask[0], [True, False, False, True])
+
+
 # --- the network over grouped tokens -------------------------------------------------------
 
 

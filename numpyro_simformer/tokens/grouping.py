@@ -9,8 +9,8 @@ its ``slots`` predictions back, so grouping changes the cost of a query, never i
 a partly observed token is a token some of whose elements are observed.
 
 Which elements share a token: a site's elements are ordered by their parents in the
-element-level graph (elements with the same parents side by side, C order among equals),
-then cut into runs of ``k``. For an iid or element-wise site this is plain C order; for a
+element-level graph (by their parents outside the site, then by all of them: elements with
+the same parents side by side, C order among equals), then cut into runs of ``k``. For an iid or element-wise site this is plain C order; for a
 site whose elements depend on different parameters (distractors beside informative
 outputs) it keeps the ones with the same parents together, so a token of distractors
 stays unlinked from the parameters.
@@ -132,7 +132,7 @@ def group_tokens(layout: TokenLayout, parents: np.ndarray | None, attention_mask
         elements = np.arange(part.start, part.stop)
         k = elements_per_token[site.name]
         if k > 1 and parents is not None:
-            elements = elements[_order_by_parents(parents[elements])]
+            elements = elements[_order_by_parents(parents[elements], part)]
         tokens += [elements[start:start + k] for start in range(0, elements.size, k)]
     slots = max(token.size for token in tokens)
     members = np.full((len(tokens), slots), -1, np.int32)
@@ -142,13 +142,18 @@ def group_tokens(layout: TokenLayout, parents: np.ndarray | None, attention_mask
                          elements_per_token=dict(elements_per_token))
 
 
-def _order_by_parents(rows: np.ndarray) -> np.ndarray:
+def _order_by_parents(rows: np.ndarray, site: slice) -> np.ndarray:
     """A stable order of a site's elements that puts elements with the same parents together.
 
-    Elements are sorted by the tuple of their parents' indices: equal tuples keep C order,
-    and element-wise links (element i on parameter i) keep C order too.
+    Elements are sorted by the tuple of their parents outside the site, then by the tuple
+    of all their parents: equal tuples keep C order, and element-wise links (element i on
+    parameter i) keep C order too. Parents outside the site come first so that elements
+    linked only among themselves (distractors that share noise) sort apart from the ones
+    that depend on parameters, whatever their links inside the site.
     """
-    keys = [tuple(np.flatnonzero(row)) for row in rows]
+    inside = np.zeros(rows.shape[1], dtype=bool)
+    inside[site] = True
+    keys = [(tuple(np.flatnonzero(row & ~inside)), tuple(np.flatnonzero(row))) for row in rows]
     return np.asarray(sorted(range(len(keys)), key=lambda index: keys[index]), dtype=np.int64)
 
 
