@@ -14,6 +14,7 @@ import numpyro
 import numpyro.distributions as dist
 import pytest
 
+import golden
 import numpyro_simformer.training.loop as train_module
 from numpyro_simformer import EulerMaruyama, NetworkConfig, Simformer, TrainingConfig, VESDE
 from numpyro_simformer.io.checkpoint import CheckpointError, ModelMismatchError, decode_config, encode_config
@@ -230,7 +231,10 @@ def test_interrupted_fit_resumes_to_the_uninterrupted_state(fitted, tmp_path, mo
 
 def test_a_checkpoint_written_before_the_redesign_loads_and_answers_as_it_did():
     """tests/data/checkpoint_0.1.0 was saved by version 0.1.0 (module paths since moved, a
-    NetworkConfig field since retired); it loads and gives the samples 0.1.0 gave."""
+    NetworkConfig field since retired); it loads and gives the samples 0.1.0 gave: bit for
+    bit on the machine kind that recorded them (the one that recorded the golden files),
+    to float32 round-off elsewhere (another processor rounds XLA's reductions differently:
+    seen up to 4e-6 on samples of size ~20; a checkpoint read wrongly moves them by O(1))."""
     def model():
         theta = numpyro.sample("theta", dist.Normal(0.0, 1.0).expand([2]).to_event(1))
         numpyro.sample("x", dist.Normal(theta, 0.5).to_event(1))
@@ -238,4 +242,8 @@ def test_a_checkpoint_written_before_the_redesign_loads_and_answers_as_it_did():
     data = pathlib.Path(__file__).parent / "data"
     loaded = Simformer.load(data / "checkpoint_0.1.0", model)
     tree = loaded.sample(jax.random.key(1), observed={"x": np.array([0.3, -0.2])}, num_samples=8)
-    np.testing.assert_array_equal(tree.posterior["theta"].values, np.load(data / "checkpoint_0.1.0_samples.npy"))
+    recorded = np.load(data / "checkpoint_0.1.0_samples.npy")
+    if golden.machine() == str(np.load(golden.DATA / "golden_quickstart.npz")["__machine__"]):
+        np.testing.assert_array_equal(tree.posterior["theta"].values, recorded)
+    else:
+        np.testing.assert_allclose(tree.posterior["theta"].values, recorded, rtol=1e-5, atol=1e-4)
