@@ -9,8 +9,14 @@ reading the model (the element graph), steps/s, seconds per 10,000 posterior dra
 ``--draws`` draws, scaled) and the process's peak memory. This measures cost only: the
 steps are fixed, not trained to early stopping, so no accuracy column.
 
+``--accuracy`` measures what the defaults buy instead: ``Simformer(model,
+num_simulations=10_000)`` with nothing else (default grouping, training to early stopping),
+its training time and steps, and the posterior C2ST (sbibm's MLP, 10,000 draws per side)
+against the exact Gaussian posterior on three observations simulated from the model.
+
     python benchmarks/high_dim.py                   # writes benchmarks/results/high_dim.md
     python benchmarks/high_dim.py --sizes 10 100    # a subset
+    python benchmarks/high_dim.py --accuracy --sizes 10 100 1000   # results/high_dim_accuracy.md
 
 Not a test. One element per token at 10,000 elements is not run: the attention logits of
 one batch alone would take batch x heads x 10,002^2 x 4 bytes (51 GB at the default batch).
@@ -68,12 +74,86 @@ print(json.dumps({
 """
 
 
-def run(n: int, per_token: str, steps: int, draws: int) -> dict:
-    result = subprocess.run([sys.executable, "-c", WORKER, str(n), per_token, str(steps), str(draws)],
-                            capture_output=True, text=True)
+ACCURACY_WORKER = r"""
+import json, resource, sys, time
+import jax, jax.numpy as jnp, numpy as np, numpyro, numpyro.distributions as dist
+from numpyro_simformer import Simformer
+from numpyro_simformer.diagnostics import c2st
+
+n, num_draws = int(sys.argv[1]), 10_000
+sigma = 0.2 * np.sqrt(n)
+t = np.linspace(-1, 1, n)
+
+def model():
+    theta = numpyro.sample("theta", dist.Normal(0, 1).expand([2]).to_event(1))
+    numpyro.sample("x", dist.Normal(theta[0] + theta[1] * jnp.asarray(t), sigma).to_event(1))
+
+sf = Simformer(model, num_simulations=10_000, progress_bar=False).fit(jax.random.key(0))
+design = np.stack([np.ones(n), t], axis=1)  # x = design @ theta + sigma eps
+covariance = np.linalg.inv(np.eye(2) + design.T @ design / sigma**2)
+rng = np.random.default_rng(0)
+scores, sampling_s = [], []
+for index in range(3):
+    theta_true = rng.standard_normal(2)
+    x_o = design @ theta_true + sigma * rng.standard_normal(n)
+    mean = covariance @ design.T @ x_o / sigma**2
+    exact = rng.multivariate_normal(mean, covariance, size=num_draws)
+    start = time.perf_counter()
+    tree = sf.sample(jax.random.key(10 + index), observed={"x": x_o}, num_samples=num_draws)
+    sampling_s.append(time.perf_counter() - start)
+    scores.append(c2st(exact, np.asarray(tree.posterior["theta"].values).reshape(num_draws, 2)))
+grouping = sf.spec.grouping
+print(json.dumps({
+    "elements": n + 2,
+    "tokens": n + 2 if grouping is None else grouping.num_tokens,
+    "elements_per_token": 1 if grouping is None else max(grouping.elements_per_token.values()),
+    "steps": int(sf.history.step[-1]),
+    "training_s": sf.training_time,
+    "s_per_10k_draws": float(np.median(sampling_s)),
+    "c2st": [round(float(score), 3) for score in scores],
+    "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+}))
+"""
+
+
+def _worker(source: str, *argv) -> dict:
+    result = subprocess.run([sys.executable, "-c", source, *map(str, argv)], capture_output=True, text=True)
     if result.returncode:
-        return {"elements": n + 2, "error": result.stderr.strip().splitlines()[-1][:120]}
+        return {"error": result.stderr.strip().splitlines()[-1][:120]}
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def accuracy(sizes: list[int]) -> None:
+    """Default settings at 10^4 simulations: training time and posterior C2ST against the exact answer."""
+    lines = ["| data elements + 2 | tokens | elements per token | steps | training s | s per 10,000 draws "
+             "| C2ST (3 observations) | mean | peak memory MiB |", "|---|---|---|---|---|---|---|---|---|"]
+    for n in sizes:
+        row = _worker(ACCURACY_WORKER, n)
+        print(n, row, flush=True)
+        if "error" in row:
+            lines.append(f"| {n + 2} | | | | | | {row['error']} | | |")
+            continue
+        lines.append(f"| {row['elements']} | {row['tokens']} | {row['elements_per_token']} | {row['steps']} "
+                     f"| {row['training_s']:.0f} | {row['s_per_10k_draws']:.1f} | "
+                     f"{', '.join(f'{score:.3f}' for score in row['c2st'])} | {sum(row['c2st']) / 3:.3f} "
+                     f"| {row['peak_rss_mib']:.0f} |")
+    text = (f"# High-dimensional data sites: accuracy with default settings\n\nMachine: {_machine()}. Command: "
+            f"`python benchmarks/high_dim.py --accuracy --sizes {' '.join(map(str, sizes))}`. "
+            "`Simformer(model, num_simulations=10_000)` and nothing else, one fresh process per row; C2ST: sbibm's "
+            "MLP, 10,000 posterior draws against 10,000 exact ones, three observations simulated from the model.\n\n"
+            + "\n".join(lines) + "\n")
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "high_dim_accuracy.md").write_text(text)
+    print(text)
+
+
+def _machine() -> str:
+    return f"{platform.machine()}, {platform.processor() or 'cpu'}, {__import__('os').cpu_count()} cores"
+
+
+def run(n: int, per_token: str, steps: int, draws: int) -> dict:
+    row = _worker(WORKER, n, per_token, steps, draws)
+    return {"elements": n + 2, **row} if "error" in row else row
 
 
 def main() -> None:
@@ -81,7 +161,12 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[10, 100, 1_000, 10_000])
     parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--draws", type=int, default=1_000)
+    parser.add_argument("--accuracy", action="store_true",
+                        help="default settings at 10^4 simulations: training time and C2ST against the exact posterior")
     args = parser.parse_args()
+    if args.accuracy:
+        accuracy(args.sizes)
+        return
     rows = []
     for n in args.sizes:
         for mode in ("auto", "1"):
@@ -104,8 +189,7 @@ def main() -> None:
         lines.append(f"| {row['elements']} | {row['tokens']} | {row['mode']} ({row['elements_per_token']} per token) "
                      f"| {row['read_s']:.1f} | {row['steps']} | {row['steps_per_s']:.1f} | "
                      f"{row['s_per_10k_draws']:.1f} | {row['peak_rss_mib']:.0f} |")
-    machine = f"{platform.machine()}, {platform.processor() or 'cpu'}, {__import__('os').cpu_count()} cores"
-    text = (f"# High-dimensional data sites: cost\n\nMachine: {machine}. Command: `python benchmarks/high_dim.py "
+    text = (f"# High-dimensional data sites: cost\n\nMachine: {_machine()}. Command: `python benchmarks/high_dim.py "
             f"--sizes {' '.join(map(str, args.sizes))} --steps {args.steps} --draws {args.draws}`. "
             "2,000 simulations, default network and sampler; each row a fresh process. Rows with one element "
             "per token above 100 elements train and draw a tenth as many steps and draws (rates scaled).\n\n"
