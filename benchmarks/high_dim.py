@@ -77,10 +77,11 @@ print(json.dumps({
 ACCURACY_WORKER = r"""
 import json, resource, sys, time
 import jax, jax.numpy as jnp, numpy as np, numpyro, numpyro.distributions as dist
-from numpyro_simformer import Simformer
+from numpyro_simformer import Simformer, TrainingConfig
 from numpyro_simformer.diagnostics import c2st
 
 n, num_draws = int(sys.argv[1]), 10_000
+max_time = float(sys.argv[2]) if float(sys.argv[2]) > 0 else None
 sigma = 0.2 * np.sqrt(n)
 t = np.linspace(-1, 1, n)
 
@@ -88,7 +89,8 @@ def model():
     theta = numpyro.sample("theta", dist.Normal(0, 1).expand([2]).to_event(1))
     numpyro.sample("x", dist.Normal(theta[0] + theta[1] * jnp.asarray(t), sigma).to_event(1))
 
-sf = Simformer(model, num_simulations=10_000, progress_bar=False).fit(jax.random.key(0))
+training = {} if max_time is None else {"training": TrainingConfig(max_time=max_time)}
+sf = Simformer(model, num_simulations=10_000, progress_bar=False, **training).fit(jax.random.key(0))
 design = np.stack([np.ones(n), t], axis=1)  # x = design @ theta + sigma eps
 covariance = np.linalg.inv(np.eye(2) + design.T @ design / sigma**2)
 rng = np.random.default_rng(0)
@@ -123,12 +125,13 @@ def _worker(source: str, *argv) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def accuracy(sizes: list[int]) -> None:
-    """Default settings at 10^4 simulations: training time and posterior C2ST against the exact answer."""
+def accuracy(sizes: list[int], max_time: float | None) -> None:
+    """Default settings at 10^4 simulations (and optionally a training time budget): training
+    time and posterior C2ST against the exact answer."""
     lines = ["| data elements + 2 | tokens | elements per token | steps | training s | s per 10,000 draws "
              "| C2ST (3 observations) | mean | peak memory MiB |", "|---|---|---|---|---|---|---|---|---|"]
     for n in sizes:
-        row = _worker(ACCURACY_WORKER, n)
+        row = _worker(ACCURACY_WORKER, n, max_time or 0)
         print(n, row, flush=True)
         if "error" in row:
             lines.append(f"| {n + 2} | | | | | | {row['error']} | | |")
@@ -137,13 +140,15 @@ def accuracy(sizes: list[int]) -> None:
                      f"| {row['training_s']:.0f} | {row['s_per_10k_draws']:.1f} | "
                      f"{', '.join(f'{score:.3f}' for score in row['c2st'])} | {sum(row['c2st']) / 3:.3f} "
                      f"| {row['peak_rss_mib']:.0f} |")
+    budget = "" if max_time is None else f" --max-time {max_time:g}"
+    settings = "nothing else" if max_time is None else f"`training=TrainingConfig(max_time={max_time:g})`"
     text = (f"# High-dimensional data sites: accuracy with default settings\n\nMachine: {_machine()}. Command: "
-            f"`python benchmarks/high_dim.py --accuracy --sizes {' '.join(map(str, sizes))}`. "
-            "`Simformer(model, num_simulations=10_000)` and nothing else, one fresh process per row; C2ST: sbibm's "
+            f"`python benchmarks/high_dim.py --accuracy --sizes {' '.join(map(str, sizes))}{budget}`. "
+            f"`Simformer(model, num_simulations=10_000)` and {settings}, one fresh process per row; C2ST: sbibm's "
             "MLP, 10,000 posterior draws against 10,000 exact ones, three observations simulated from the model.\n\n"
             + "\n".join(lines) + "\n")
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "high_dim_accuracy.md").write_text(text)
+    (RESULTS / ("high_dim_accuracy.md" if max_time is None else "high_dim_accuracy_budget.md")).write_text(text)
     print(text)
 
 
@@ -163,9 +168,11 @@ def main() -> None:
     parser.add_argument("--draws", type=int, default=1_000)
     parser.add_argument("--accuracy", action="store_true",
                         help="default settings at 10^4 simulations: training time and C2ST against the exact posterior")
+    parser.add_argument("--max-time", type=float, default=None,
+                        help="with --accuracy: TrainingConfig(max_time=...) in seconds (default: none, the step cap)")
     args = parser.parse_args()
     if args.accuracy:
-        accuracy(args.sizes)
+        accuracy(args.sizes, args.max_time)
         return
     rows = []
     for n in args.sizes:
