@@ -121,30 +121,6 @@ def test_distractors_share_tokens_and_stay_unlinked(rng_key):
     assert not linked[1:x_rows[0]].any()  # the noise site reads nothing and is read by nothing
 
 
-def few_signals_model():
-    """x[j] for j = 5, 17, ..., 89 (8 elements) reads theta[0]; its 92 others read nothing."""
-    theta = numpyro.sample("theta", dist.Normal(0, 1).expand([2]).to_event(1))
-    numpyro.sample("x", dist.Normal(jnp.where(jnp.arange(100) % 12 == 5, theta[0], 0.0), 1.0).to_event(1))
-
-
-def test_the_automatic_rule_spends_a_sites_tokens_on_its_linked_elements_first(rng_key):
-    """92 unlinked elements take a quarter of the 32-token budget (8 tokens of 12, C order);
-    the 8 that read theta[0] get a token each, so its token attends to those 8 alone."""
-    spec = Simformer(few_signals_model, **TINY).read_model(rng_key)
-    grouping = spec.grouping
-    assert grouping.elements_per_token == {"theta": 1, "x": 12}
-    x_start = spec.layout.slices()["x"].start
-    x_tokens = [list(row[row >= 0] - x_start) for row in grouping.members[2:]]
-    signal = list(range(5, 100, 12))
-    noise = [j for j in range(100) if j not in signal]
-    assert x_tokens == [noise[start:start + 12] for start in range(0, 92, 12)] + [[j] for j in signal]
-    assert list(np.flatnonzero(grouping.attention_mask[0])) == [0] + list(range(10, 18))
-    # a k the user chose applies to both parts, which still never share a token
-    chosen = Simformer(few_signals_model, elements_per_token={"x": 4}, **TINY).read_model(rng_key).grouping
-    x_tokens = [list(row[row >= 0] - x_start) for row in chosen.members[2:]]
-    assert x_tokens == [noise[start:start + 4] for start in range(0, 92, 4)] + [signal[:4], signal[4:]]
-
-
 def random_walk_distractors(rng_key, theta):
     """x[0:6]: a random walk (its elements share noise, no parameter); x[6:8]: theta + own noise."""
     key_walk, key_signal = jax.random.split(rng_key)

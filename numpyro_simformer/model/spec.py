@@ -261,17 +261,7 @@ def read_model_spec(rng_key, model: Callable, model_args: tuple = (), model_kwar
     return ModelSpec(model=model, model_args=model_args, model_kwargs=model_kwargs, options=options, layout=layout,
                      supports=supports, parents=parents, attention_mask=mask, has_children=has_children,
                      data_sites=data_sites, variable_dims=variable, coordinate_scales=scales,
-                     grouping=group_tokens(layout, parents, mask, per_token,
-                                           automatic=_automatic_sites(layout, options.elements_per_token)))
-
-
-def _automatic_sites(layout: TokenLayout, elements_per_token) -> tuple[str, ...]:
-    """The sites whose elements per token the automatic rule chooses (the user named no k for them)."""
-    if elements_per_token is None:
-        return layout.site_names
-    if isinstance(elements_per_token, Mapping):
-        return tuple(name for name in layout.site_names if name not in elements_per_token)
-    return ()
+                     grouping=group_tokens(layout, parents, mask, per_token))
 
 
 def _graph(rng_key, model, model_args, model_kwargs, options: ModelOptions, layout: TokenLayout) -> np.ndarray:

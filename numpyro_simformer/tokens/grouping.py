@@ -8,20 +8,12 @@ network gathers a token's values and observed flags from the element vector, and
 its ``slots`` predictions back, so grouping changes the cost of a query, never its meaning:
 a partly observed token is a token some of whose elements are observed.
 
-Which elements share a token: a site's elements are split into those *linked* to other
-sites (a parent or a child outside the site) and those that are not (distractors, noise
-linked only among themselves); the two never share a token, the unlinked ones come
-first. Each part is ordered by the
-elements' parents in the element-level graph (by their parents outside the site, then by
-all of them: elements with the same parents side by side, C order among equals) and cut
-into runs. For an iid or element-wise site this is plain C order in runs of ``k``.
-
-The automatic rule spends a site's token budget (:data:`AUTO_GROUPING_THRESHOLD`) on the
-linked elements first: unlinked elements carry nothing about the other sites, so when a
-site has both they get at most a quarter of the budget, and the linked ones the rest (one
-per token while they fit). On sbibm's ``slcp_distractors`` (8 informative outputs, 92
-distractors) that keeps every informative output in a token of its own: grouping them four
-to a token cost more accuracy than the distractors' tokens buy.
+Which elements share a token: a site's elements are ordered by their parents in the
+element-level graph (by their parents outside the site, then by all of them: elements with
+the same parents side by side, C order among equals), then cut into runs of ``k``. For an iid or element-wise site this is plain C order; for a
+site whose elements depend on different parameters (distractors beside informative
+outputs) it keeps the ones with the same parents together, so a token of distractors
+stays unlinked from the parameters.
 
 Token ``a`` may attend to token ``b`` when any element of ``a`` may attend to any element of
 ``b`` in the element-level attention mask.
@@ -31,7 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Collection, Mapping
+from typing import Mapping
 
 import numpy as np
 
@@ -42,8 +34,6 @@ __all__ = ["AUTO_GROUPING_THRESHOLD", "TokenGrouping", "group_tokens", "resolve_
 
 # A site of more elements than this is grouped, by default, into at most this many tokens.
 AUTO_GROUPING_THRESHOLD = 32
-# The automatic rule's share of a site's tokens for its unlinked elements when it has linked ones too.
-_UNLINKED_TOKENS = AUTO_GROUPING_THRESHOLD // 4
 
 
 @dataclass(frozen=True, eq=False)
@@ -125,62 +115,31 @@ def resolve_elements_per_token(layout: TokenLayout, elements_per_token, ungroupe
 
 
 def group_tokens(layout: TokenLayout, parents: np.ndarray | None, attention_mask: np.ndarray,
-                 elements_per_token: Mapping[str, int], automatic: Collection[str] = ()) -> TokenGrouping | None:
+                 elements_per_token: Mapping[str, int]) -> TokenGrouping | None:
     """The grouping of ``layout`` with ``{site: k}`` elements per token; ``None`` if every k is 1.
 
     Args:
         layout: the element layout.
-        parents: bool (num_elements, num_elements) element-level parents (splits a site's
-            elements into linked and unlinked ones and orders them before they are cut;
-            ``None``: C order).
+        parents: bool (num_elements, num_elements) element-level parents (orders a site's
+            elements before they are cut; ``None``: C order).
         attention_mask: bool (num_elements, num_elements) element-level attention.
         elements_per_token: ``{site: k}`` from :func:`resolve_elements_per_token`.
-        automatic: the sites whose ``k`` the automatic rule chose: where such a site has
-            both linked and unlinked elements, its budget goes to the linked ones first
-            (module docstring). ``elements_per_token`` then records the larger of its two k.
     """
     if all(k == 1 for k in elements_per_token.values()):
         return None
-    tokens, used = [], dict(elements_per_token)
+    tokens = []
     for site, part in zip(layout.sites, layout.slices().values()):
         elements = np.arange(part.start, part.stop)
         k = elements_per_token[site.name]
-        if k == 1 or parents is None:
-            tokens += [elements[start:start + k] for start in range(0, elements.size, k)]
-            continue
-        linked = _linked_to_other_sites(parents, part)
-        runs = [elements[~linked], elements[linked]]
-        sizes = [k, k]
-        if site.name in automatic and linked.any() and not linked.all():
-            sizes = _automatic_sizes(int((~linked).sum()), int(linked.sum()))
-            used[site.name] = max(sizes)
-        for run, size in zip(runs, sizes):
-            run = run[_order_by_parents(parents[run], part)]
-            tokens += [run[start:start + size] for start in range(0, run.size, size)]
+        if k > 1 and parents is not None:
+            elements = elements[_order_by_parents(parents[elements], part)]
+        tokens += [elements[start:start + k] for start in range(0, elements.size, k)]
     slots = max(token.size for token in tokens)
     members = np.full((len(tokens), slots), -1, np.int32)
     for index, token in enumerate(tokens):
         members[index, :token.size] = token
     return TokenGrouping(members=members, attention_mask=_token_mask(np.asarray(attention_mask, bool), tokens),
-                         elements_per_token=used)
-
-
-def _linked_to_other_sites(parents: np.ndarray, site: slice) -> np.ndarray:
-    """bool (site size,): which of a site's elements have a parent or a child outside it."""
-    outside = np.ones(parents.shape[0], dtype=bool)
-    outside[site] = False
-    return parents[site][:, outside].any(axis=1) | parents[outside][:, site].any(axis=0)
-
-
-def _automatic_sizes(num_unlinked: int, num_linked: int) -> list[int]:
-    """Elements per token for a site's unlinked and linked elements under the automatic rule.
-
-    The unlinked ones take at most :data:`_UNLINKED_TOKENS` tokens, the linked ones the rest
-    of the :data:`AUTO_GROUPING_THRESHOLD` budget.
-    """
-    unlinked_size = math.ceil(num_unlinked / min(num_unlinked, _UNLINKED_TOKENS))
-    unlinked_tokens = math.ceil(num_unlinked / unlinked_size)
-    return [unlinked_size, math.ceil(num_linked / (AUTO_GROUPING_THRESHOLD - unlinked_tokens))]
+                         elements_per_token=dict(elements_per_token))
 
 
 def _order_by_parents(rows: np.ndarray, site: slice) -> np.ndarray:
