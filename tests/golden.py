@@ -181,6 +181,17 @@ def machine() -> str:
     return f"{cpu} | jax {jax.__version__} | numpyro {numpyro.__version__} | python {sys.version.split()[0]}"
 
 
+def assert_reproduced(actual, recorded, recorded_on: str, *, rtol: float, atol: float, strict: bool = False,
+                      err_msg: str = "") -> None:
+    """``actual`` equals ``recorded`` bit for bit on the machine kind ``recorded_on`` (a
+    :func:`machine` string), and to ``rtol``/``atol`` elsewhere: another processor or JAX
+    build may round XLA's reductions differently."""
+    if machine() == recorded_on:
+        np.testing.assert_array_equal(actual, recorded, err_msg=err_msg, strict=strict)
+    else:
+        np.testing.assert_allclose(actual, recorded, rtol=rtol, atol=atol, err_msg=err_msg)
+
+
 def record(names) -> None:
     DATA.mkdir(exist_ok=True)
     for name in names:

@@ -242,8 +242,5 @@ def test_a_checkpoint_written_before_the_redesign_loads_and_answers_as_it_did():
     data = pathlib.Path(__file__).parent / "data"
     loaded = Simformer.load(data / "checkpoint_0.1.0", model)
     tree = loaded.sample(jax.random.key(1), observed={"x": np.array([0.3, -0.2])}, num_samples=8)
-    recorded = np.load(data / "checkpoint_0.1.0_samples.npy")
-    if golden.machine() == str(np.load(golden.DATA / "golden_quickstart.npz")["__machine__"]):
-        np.testing.assert_array_equal(tree.posterior["theta"].values, recorded)
-    else:
-        np.testing.assert_allclose(tree.posterior["theta"].values, recorded, rtol=1e-5, atol=1e-4)
+    golden.assert_reproduced(tree.posterior["theta"].values, np.load(data / "checkpoint_0.1.0_samples.npy"),
+                             str(np.load(golden.DATA / "golden_quickstart.npz")["__machine__"]), rtol=1e-5, atol=1e-4)
