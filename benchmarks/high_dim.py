@@ -10,7 +10,8 @@ reading the model (the element graph), steps/s, seconds per 10,000 posterior dra
 steps are fixed, not trained to early stopping, so no accuracy column.
 
 ``--accuracy`` measures what the defaults buy instead: ``Simformer(model,
-num_simulations=10_000)`` with nothing else (default grouping, training to early stopping),
+num_simulations=10_000)`` with nothing else (default grouping, training to early stopping or
+the step cap; ``--max-time`` adds a training budget),
 its training time and steps, and the posterior C2ST (sbibm's MLP, 10,000 draws per side)
 against the exact Gaussian posterior on three observations simulated from the model.
 
@@ -33,20 +34,30 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
-WORKER = r"""
+# Both workers' model: a linear trend observed at n points (sys.argv[1]), and the token
+# columns of a fitted Simformer's row.
+MODEL = r"""
 import json, resource, sys, time
 import jax, jax.numpy as jnp, numpy as np, numpyro, numpyro.distributions as dist
 from numpyro_simformer import Simformer, TrainingConfig
 
-n, per_token, steps, draws = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-per_token = None if per_token == "auto" else int(per_token)
+n = int(sys.argv[1])
 sigma = 0.2 * np.sqrt(n)
-t = jnp.linspace(-1, 1, n)
+t = np.linspace(-1, 1, n)
 
 def model():
     theta = numpyro.sample("theta", dist.Normal(0, 1).expand([2]).to_event(1))
-    numpyro.sample("x", dist.Normal(theta[0] + theta[1] * t, sigma).to_event(1))
+    numpyro.sample("x", dist.Normal(theta[0] + theta[1] * jnp.asarray(t), sigma).to_event(1))
 
+def token_columns(sf):
+    grouping = sf.spec.grouping
+    return {"elements": n + 2, "tokens": n + 2 if grouping is None else grouping.num_tokens,
+            "elements_per_token": 1 if grouping is None else max(grouping.elements_per_token.values())}
+"""
+
+WORKER = MODEL + r"""
+per_token, steps, draws = sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+per_token = None if per_token == "auto" else int(per_token)
 sf = Simformer(model, num_simulations=2_000, elements_per_token=per_token, progress_bar=False,
                training=TrainingConfig(max_steps=steps, patience=None, validation_interval=steps))
 start = time.perf_counter()
@@ -59,11 +70,8 @@ sf.sample(jax.random.key(1), observed={"x": x_o}, num_samples=min(draws, 10))  #
 start = time.perf_counter()
 tree = sf.sample(jax.random.key(2), observed={"x": x_o}, num_samples=draws)
 sample_s = time.perf_counter() - start
-grouping = sf.spec.grouping
 print(json.dumps({
-    "elements": n + 2,
-    "tokens": n + 2 if grouping is None else grouping.num_tokens,
-    "elements_per_token": 1 if grouping is None else max(grouping.elements_per_token.values()),
+    **token_columns(sf),
     "read_s": read_s,
     "steps": int(sf.history.step[-1]),
     "training_s": sf.training_time,
@@ -74,21 +82,11 @@ print(json.dumps({
 """
 
 
-ACCURACY_WORKER = r"""
-import json, resource, sys, time
-import jax, jax.numpy as jnp, numpy as np, numpyro, numpyro.distributions as dist
-from numpyro_simformer import Simformer, TrainingConfig
+ACCURACY_WORKER = MODEL + r"""
 from numpyro_simformer.diagnostics import c2st
 
-n, num_draws = int(sys.argv[1]), 10_000
+num_draws = 10_000
 max_time = float(sys.argv[2]) if float(sys.argv[2]) > 0 else None
-sigma = 0.2 * np.sqrt(n)
-t = np.linspace(-1, 1, n)
-
-def model():
-    theta = numpyro.sample("theta", dist.Normal(0, 1).expand([2]).to_event(1))
-    numpyro.sample("x", dist.Normal(theta[0] + theta[1] * jnp.asarray(t), sigma).to_event(1))
-
 training = {} if max_time is None else {"training": TrainingConfig(max_time=max_time)}
 sf = Simformer(model, num_simulations=10_000, progress_bar=False, **training).fit(jax.random.key(0))
 design = np.stack([np.ones(n), t], axis=1)  # x = design @ theta + sigma eps
@@ -104,11 +102,8 @@ for index in range(3):
     tree = sf.sample(jax.random.key(10 + index), observed={"x": x_o}, num_samples=num_draws)
     sampling_s.append(time.perf_counter() - start)
     scores.append(c2st(exact, np.asarray(tree.posterior["theta"].values).reshape(num_draws, 2)))
-grouping = sf.spec.grouping
 print(json.dumps({
-    "elements": n + 2,
-    "tokens": n + 2 if grouping is None else grouping.num_tokens,
-    "elements_per_token": 1 if grouping is None else max(grouping.elements_per_token.values()),
+    **token_columns(sf),
     "steps": int(sf.history.step[-1]),
     "training_s": sf.training_time,
     "s_per_10k_draws": float(np.median(sampling_s)),
