@@ -2,7 +2,8 @@
 
 A JAX function gets its randomness from its key in one place: the sampling primitives
 (``random_bits`` under ``jax.random.uniform``, ``normal``, ``categorical``...,
-``random_gamma`` under ``gamma``, ``beta`` and ``dirichlet``, and ``threefry2x32``). This
+``random_gamma`` under ``gamma``, ``beta`` and ``dirichlet``, ``random_poisson`` under
+``poisson`` in recent JAX, and ``threefry2x32``). This
 module evaluates the function's jaxpr with one element of one of those draws replaced by
 another value, for every element in turn (vmapped, one compiled program): output element
 ``i`` uses draw ``k`` when replacing ``k`` changes ``x_i``. Two outputs that use a common
@@ -14,8 +15,9 @@ replacement changes it.
 What it cannot read, it says so (``None`` and a reason) and the caller assumes the
 conservative answer, all outputs linked: random draws inside a loop or a branch
 (``lax.scan``, ``while_loop``, ``cond``: ``jax.random.poisson`` and ``binomial`` draw in a
-loop), or more draws than :data:`MAX_DRAWS`. Randomness taken from a key's raw words
-(``jax.random.key_data``) instead of a sampler is not seen.
+loop in older JAX), a sampling primitive this module does not know (any primitive that
+turns a key into values), or more draws than :data:`MAX_DRAWS`. Randomness taken from a
+key's raw words (``jax.random.key_data``) instead of a sampler is not seen.
 """
 
 from __future__ import annotations
@@ -30,7 +32,9 @@ from jax.extend.core import ClosedJaxpr, DropVar, Literal, jaxprs_in_params
 __all__ = ["MAX_DRAWS", "find_noise_links"]
 
 # Sampling primitives: their outputs are the random draws (element by element).
-_SOURCES = frozenset({"random_bits", "random_gamma", "threefry2x32"})
+_SOURCES = frozenset({"random_bits", "random_gamma", "random_poisson", "threefry2x32"})
+# Primitives that take a key and return values but draw nothing (the key's raw words).
+_KEY_READS = frozenset({"random_unwrap"})
 # Call-like primitives whose body is evaluated in line (a draw inside them is still seen).
 _INLINE = {"jit": "jaxpr", "pjit": "jaxpr", "closed_call": "call_jaxpr", "core_call": "call_jaxpr",
            "remat": "jaxpr", "checkpoint": "jaxpr", "custom_jvp_call": "call_jaxpr",
@@ -55,9 +59,24 @@ def _jaxpr(value):
     return value.jaxpr if isinstance(value, ClosedJaxpr) else value
 
 
+def _is_key(var) -> bool:
+    return jax.dtypes.issubdtype(var.aval.dtype, jax.dtypes.prng_key)
+
+
+def _unknown_sampler(eqn) -> bool:
+    """A primitive outside :data:`_SOURCES` that turns a key into values (a sampler JAX
+    added after this module was written): its draws cannot be replaced one by one."""
+    name = eqn.primitive.name
+    if name in _SOURCES or name in _KEY_READS or list(jaxprs_in_params(eqn.params)):
+        return False
+    return any(_is_key(var) for var in eqn.invars if not isinstance(var, Literal)) and not all(
+        _is_key(var) for var in eqn.outvars)
+
+
 def _draws_inside(jaxpr) -> bool:
     """Whether ``jaxpr`` or any jaxpr nested in it runs a sampling primitive."""
-    return any(eqn.primitive.name in _SOURCES or any(_draws_inside(_jaxpr(sub)) for sub in jaxprs_in_params(eqn.params))
+    return any(eqn.primitive.name in _SOURCES or _unknown_sampler(eqn)
+               or any(_draws_inside(_jaxpr(sub)) for sub in jaxprs_in_params(eqn.params))
                for eqn in jaxpr.eqns)
 
 
@@ -107,6 +126,8 @@ def _evaluate(jaxpr, consts, args, replace: _Replace) -> list:
         else:
             if any(_draws_inside(_jaxpr(sub)) for sub in jaxprs_in_params(eqn.params)):
                 raise _Unreadable(f"it draws random numbers inside `{name}` (a loop or branch)")
+            if _unknown_sampler(eqn):
+                raise _Unreadable(f"it draws with `{name}`, a sampling primitive this probe cannot replace")
             params = eqn.primitive.get_bind_params(eqn.params)
             subfuns, params = params if isinstance(params, tuple) else ((), params)  # jax < 0.7: a pair
             with eqn.ctx.manager:
