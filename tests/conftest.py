@@ -1,8 +1,13 @@
 """Shared fixtures: every test gets its own key; nothing seeds globally."""
 
+import os
 import zlib
 
-import jax
+# Two test processes share the machine (pytest-xdist, pyproject's addopts): on a GPU neither
+# may take 75 % of its memory up front.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import jax  # noqa: E402 - after the environment it reads
 import pytest
 
 
