@@ -1,6 +1,7 @@
 # Experiment script, run 2026-12-06 against commit b026b79 as
 # `python exp_bglm_raw.py --variant {library,posterior_masks,theta_loss,posterior_heavy,balanced}`
-# (log: exp_bglm_raw.log; one JSON line per variant). batch256 and token_values were written but not
+# and `--task bernoulli_glm --variant {library,posterior_masks}` (log: exp_bglm_raw.log; one JSON
+# line per run). batch256 and token_values were written but not
 # run to the end. Kept as a record, not maintained.
 """Diagnostic: why is bernoulli_glm_raw (0.935) far above NPE (0.765) at 10^4 simulations?
 
