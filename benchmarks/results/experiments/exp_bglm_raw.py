@@ -1,8 +1,7 @@
 # Experiment script, run 2026-12-06 against commit b026b79 as
 # `python exp_bglm_raw.py --variant {library,posterior_masks,theta_loss,posterior_heavy,balanced}`
 # and `--task bernoulli_glm --variant {library,posterior_masks}` (log: exp_bglm_raw.log; one JSON
-# line per run). batch256 and token_values were written but not
-# run to the end. Kept as a record, not maintained.
+# line per run). Kept as a record, not maintained.
 """Diagnostic: why is bernoulli_glm_raw (0.935) far above NPE (0.765) at 10^4 simulations?
 
 Fits bernoulli_glm_raw (10 parameters, 100 binary outputs, 35 tokens: the data four to a
@@ -12,8 +11,6 @@ token) with library defaults and a 5-minute budget, changing one thing per varia
 - ``posterior_masks``: training sees only the posterior condition mask (all data observed),
   so the loss is the parameters' alone; tests whether spreading the network over the joint
   objective (100 binary data elements against 10 parameters) is what costs accuracy.
-- ``batch256``: 256 examples per step instead of the 64 the default token budget gives a
-  35-token model (1,024 // 35 = 29, clipped to 64); tests gradient noise.
 - ``theta_loss``: the library's masks, but the data elements weigh 0 in the loss (they are
   still masked, noised and read): the network is trained on the parameters' scores alone.
   Tests whether the data's denoising loss crowds out the parameters'.
@@ -21,12 +18,6 @@ token) with library defaults and a 5-minute budget, changing one thing per varia
   parameters' tokens in the loss (each data token 10/25 instead of 1).
 - ``posterior_heavy``: the mask mixture moved towards the posterior (joint 0.1, posterior
   0.6, likelihood 0.1, Bernoulli 0.1 and 0.1, against 0.2 each by default).
-- ``token_values``: each token gets its own linear map of its values (added to the shared
-  one, initialised at zero). The library's value embedding is one map shared by all
-  tokens, so a token's values enter the residual stream along the same directions
-  whichever element they are; a linear statistic with a different weight per element
-  (a GLM's sufficient statistic, V^T x) must then be built from nonlinear interactions of
-  value and identity. Tests whether that is what the network fails to learn.
 
 Then scores observations 1-3 (early-stopped MLP C2ST, 10,000 per side) and prints, per
 parameter, the posterior's bias and width against the reference (in reference sds).
@@ -37,8 +28,7 @@ import jax, numpy as np
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--task", default="bernoulli_glm_raw")
-parser.add_argument("--variant", choices=["library", "posterior_masks", "batch256", "token_values", "theta_loss", "posterior_heavy",
-                                                "balanced"],
+parser.add_argument("--variant", choices=["library", "posterior_masks", "theta_loss", "posterior_heavy", "balanced"],
                     default="library")
 parser.add_argument("--max-time", type=float, default=300)
 parser.add_argument("--num-simulations", type=int, default=10_000)
@@ -61,6 +51,8 @@ if args.variant == "posterior_masks":
 if args.variant == "posterior_heavy":
     options["condition_masks"] = ConditionMaskDistribution(joint=0.1, posterior=0.6, likelihood=0.1, bernoulli=(0.1, 0.1))
 if args.variant in ("theta_loss", "balanced"):  # patches library internals (not a supported API)
+    if args.task != "bernoulli_glm_raw":
+        parser.error(f"--variant {args.variant} weights bernoulli_glm_raw's layout (10 + 25 tokens) only")
     from numpyro_simformer.training import fit as fit_module
     original_weights = fit_module._token_weights
     def _token_weights(grouping):
@@ -69,43 +61,6 @@ if args.variant in ("theta_loss", "balanced"):  # patches library internals (not
         weights[10:] *= 0.0 if args.variant == "theta_loss" else 10 / 25
         return weights
     fit_module._token_weights = _token_weights
-if args.variant == "batch256":
-    training["batch_size"] = 256
-
-if args.variant == "token_values":
-    # Patches library internals (not a supported API): grouped networks only.
-    import jax.numpy as jnp
-    from flax import nnx
-    from numpyro_simformer.nn import transformer
-
-    original_init = transformer.SimformerNetwork.__init__
-    def __init__(self, num_nodes, config=transformer.NetworkConfig(), *, variable_size=False, slots=1, rngs):
-        original_init(self, num_nodes, config, variable_size=variable_size, slots=slots, rngs=rngs)
-        self.token_value_weights = nnx.Param(jnp.zeros((num_nodes, self.slots, config.width)))
-    transformer.SimformerNetwork.__init__ = __init__
-
-    def _grouped(self, values, time, condition_mask, node_ids, coordinates, attention_mask, members, positions):
-        # the library's SimformerNetwork._grouped (b026b79) plus the per-token value term
-        used = members >= 0
-        gather = jnp.where(used, members, 0)
-        grouped_values = jnp.where(used, values[..., gather], 0.0)
-        observed = (used & condition_mask[..., gather]).astype(values.dtype)
-        coordinate_tokens = self.coordinate_embedding(
-            transformer._fourier_features(coordinates, self.coordinate_frequencies[...]))
-        condition = self.condition_embedding[...]
-        tokens = (
-            self.node_embedding(node_ids)[None]
-            + self.value_embedding(grouped_values)
-            + jnp.einsum("...ts,tsw->...tw", grouped_values, self.token_value_weights[...][node_ids])
-            + observed @ (condition[None] if condition.ndim == 1 else condition)
-            + coordinate_tokens[None]
-        )
-        predicted = self._transform(tokens, time, attention_mask)
-        flat = predicted.reshape(predicted.shape[:-2] + (-1,))
-        flat = jnp.concatenate([flat, jnp.zeros(flat.shape[:-1] + (1,), flat.dtype)], axis=-1)
-        return flat[..., positions]
-    transformer.SimformerNetwork._grouped = _grouped
-
 task = sbibm_jax.get_task(args.task)
 key_fit, key_sample = jax.random.split(jax.random.key(0))
 start = time.perf_counter()
@@ -120,10 +75,7 @@ for number in args.observations:
     scores.append(round(float(c2st(ref, est, early_stopping=True)), 4))
     bias.append(np.round((est.mean(0) - ref.mean(0)) / ref.std(0), 2).tolist())
     width.append(np.round(est.std(0) / ref.std(0), 2).tolist())
-extra = {}
-if args.variant == "token_values":  # proof the patch ran: the per-token weights moved from 0
-    extra["token_value_weights_mean_abs"] = float(np.abs(np.asarray(sf.state.params["token_value_weights"][...])).mean())
-print(json.dumps({**extra, "task": args.task, "variant": args.variant, "max_time": args.max_time,
+print(json.dumps({"task": args.task, "variant": args.variant, "max_time": args.max_time,
                   "steps": int(sf.history.step[-1]), "training_s": round(sf.training_time, 1), "c2st": scores,
                   "mean": round(float(np.mean(scores)), 4), "bias_in_ref_sd": bias, "width_over_ref": width,
                   "total_s": round(time.perf_counter() - start)}))
