@@ -12,7 +12,10 @@ sbibm-jax's Lotka-Volterra simulator raises (diffrax: maximum number of solver s
 about one parameter draw in a thousand, and a raising simulator fails its whole chunk; so
 that task is wrapped as the docs tell a user to ("return NaN for inputs your simulator
 cannot handle"): ``Simulator.from_numpy(..., vectorized=False)`` around the same jitted
-simulator, NaN where it raises (those draws are dropped and counted). NPE
+simulator, NaN where it raises (those draws are dropped and counted). Where a task's
+outputs are binary (``bernoulli_glm_raw``) the wrapper declares it, as the library's
+warning about integer-valued sites tells a user to: ``Simulator(..., support=constraints.boolean)``.
+NPE
 (``benchmarks/npe.py``'s flow and training) runs on the same simulator, prior and
 observations. Each (task, budget, method, seed) runs in a fresh subprocess (its peak
 memory is its own); rows are appended to ``benchmarks/results/<name>.csv`` as they finish,
@@ -52,6 +55,7 @@ PAPER = {"two_moons": {1_000: 0.611, 10_000: 0.525}, "gaussian_linear": {1_000: 
          "gaussian_mixture": {1_000: 0.572, 10_000: 0.515}, "slcp": {1_000: 0.831, 10_000: 0.646}}
 GENSBI = {"two_moons": 0.522, "slcp": 0.663, "bernoulli_glm": 0.630}
 RAISING = {"lotka_volterra"}  # tasks whose simulator raises for some parameters (see the docstring)
+BINARY = {"bernoulli_glm_raw"}  # tasks whose outputs are 0 or 1
 
 
 def machine() -> str:
@@ -67,22 +71,28 @@ def code_version() -> str:
     return result.stdout.strip() + ("+dirty" if dirty else "")
 
 
-def user_model(task):
-    """The model a user writes around sbibm's batched simulator: prior site, Simulator site."""
+def user_model(task, declare_support: bool = True):
+    """The model a user writes around sbibm's batched simulator: prior site, Simulator site.
+
+    ``declare_support=False`` leaves a binary task's outputs real-valued (as before the
+    library warned about integer-valued sites).
+    """
     import jax
     import numpyro
+    from numpyro.distributions import constraints
 
     from numpyro_simformer import Simulator
 
     batched = task.get_simulator(jax.random.key(0))  # its key argument is unused: each call passes its own
     one_draw = nan_where_raising(task) if task.name in RAISING else None  # built once, outside any trace
+    support = constraints.boolean if declare_support and task.name in BINARY else None
 
     def model():
         theta = numpyro.sample("theta", task.get_prior_dist())
         if one_draw is not None:
             x = Simulator.from_numpy(one_draw, theta, event_shape=(task.dim_x,), vectorized=False)
         else:
-            x = Simulator(lambda key, theta: batched(key, theta[None])[0], theta)
+            x = Simulator(lambda key, theta: batched(key, theta[None])[0], theta, support=support)
         numpyro.sample("x", x)
 
     return model

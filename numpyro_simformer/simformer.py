@@ -44,7 +44,7 @@ from numpyro_simformer.nn import NetworkConfig
 from numpyro_simformer.samplers import EulerMaruyama, GuidedEulerMaruyama, ProbabilityFlowODE
 from numpyro_simformer.samplers.guidance import GaussianIntervalGuidance
 from numpyro_simformer.training.state import FittedState
-from numpyro_simformer.tokens.transforms import INTERVAL_SITES, IntervalReflect, warn_extrapolation
+from numpyro_simformer.tokens.transforms import DISCRETE_SITES, INTERVAL_SITES, IntervalReflect, warn_extrapolation
 from numpyro_simformer.training.fit import fit_state
 from numpyro_simformer.training.loop import TrainingConfig
 from numpyro_simformer.training.parallel import resolve_devices
@@ -113,6 +113,16 @@ class Simformer:
             restricted to the support) and :meth:`log_prob` renormalised. For posteriors
             cut off by a bound; which is better depends on the model, measured in
             ``docs/bounded-sites.md``. Every returned value lies in the support.
+        discrete_sites: how sites with a discrete support (Poisson, Bernoulli, a
+            ``Simulator`` with ``support=constraints.boolean``) are trained.
+            ``"dequantize"`` (default): a latent integer is blurred by Gaussian noise of an
+            eighth of the integers' spacing (drawn afresh for every example), so the network
+            learns a smooth density instead of the scores of point masses; observed integers
+            stay exact, as queries give them, and rounding a draw returns its integer.
+            ``"integers"``: trained on the integers themselves (the only way before this
+            option), whose scores grow without bound as the noise vanishes and crowd out
+            the rest of the model. Both return integers and answer queries the same way;
+            only training differs. Measured in ``docs/benchmarks.md``.
         elements_per_token: how many elements of a site share one token. ``None``
             (default): a site of more than 32 elements is cut into at most 32 tokens
             (``ceil(size / 32)`` elements each, elements with the same parents side by
@@ -158,6 +168,7 @@ class Simformer:
         exchangeable: Sequence[str] = (),
         points_per_dim: int = 20,
         interval_sites: str = "transform",
+        discrete_sites: str = "dequantize",
         elements_per_token: int | Mapping[str, int] | None = None,
         progress_bar: bool = True,
     ):
@@ -167,6 +178,8 @@ class Simformer:
         check_positive_int(points_per_dim, "points_per_dim")
         if interval_sites not in INTERVAL_SITES:
             raise ValueError(f"`interval_sites` must be one of {INTERVAL_SITES}, got {interval_sites!r}.")
+        if discrete_sites not in DISCRETE_SITES:
+            raise ValueError(f"`discrete_sites` must be one of {DISCRETE_SITES}, got {discrete_sites!r}.")
         self.model_options = ModelOptions(
             attention=attention, parents=parents, token_sites=token_sites, exclude_sites=exclude_sites,
             data_sites=data_sites, coordinates=coordinates, exchangeable=exchangeable,
@@ -185,6 +198,7 @@ class Simformer:
         self.simulation_report: SimulationReport | None = None
         self.points_per_dim = int(points_per_dim)
         self.interval_sites = interval_sites
+        self.discrete_sites = discrete_sites
         self.progress_bar = progress_bar
         self.state: FittedState | None = None
         self._spaces: dict = {}
@@ -347,7 +361,7 @@ class Simformer:
     def _fit_options(self) -> dict:
         return dict(network=self.network_config, sde=self.sde, training=self.training_config,
                     condition_masks=self.condition_masks, interval_sites=self.interval_sites,
-                    points_per_dim=self.points_per_dim, progress_bar=self.progress_bar)
+                    discrete_sites=self.discrete_sites, points_per_dim=self.points_per_dim, progress_bar=self.progress_bar)
 
     def _set_state(self, state: FittedState) -> None:
         self.state = state

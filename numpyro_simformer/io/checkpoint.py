@@ -109,6 +109,7 @@ def _options_record(sf) -> dict:
         "data_sites": None if options.data_sites is None else list(options.data_sites),
         "simulation_chunk_size": sf.simulation_chunk_size,
         "interval_sites": sf.interval_sites,
+        "discrete_sites": sf.discrete_sites,
         "elements_per_token": options.elements_per_token,
         "progress_bar": sf.progress_bar,
     }
@@ -132,6 +133,7 @@ def _options_from_record(record: dict) -> dict:
         "data_sites": record["data_sites"],
         "simulation_chunk_size": record["simulation_chunk_size"],
         "interval_sites": record.get("interval_sites", "transform"),  # absent before the option existed
+        "discrete_sites": record.get("discrete_sites", "integers"),  # absent: trained on the integers
         "elements_per_token": record.get("elements_per_token"),  # absent before grouping: None reads the same
         "progress_bar": record["progress_bar"],
     }

@@ -6,7 +6,9 @@ is z-scored with the mean and standard deviation of the training simulations. Sa
 back through both maps, so every returned value lies in its site's support.
 
 Discrete sites (Poisson counts, Bernoulli outcomes) are modelled as real numbers and are
-rounded and clipped to their support on the way out (:class:`DiscreteRound`).
+rounded and clipped to their support on the way out (:class:`DiscreteRound`); training
+blurs their latent integers with narrow Gaussian noise (``discrete_sites="dequantize"``,
+:func:`dequantization_widths`).
 
 A simplex site (``Dirichlet``) keeps one token per element through its centred log-ratio
 (:class:`SimplexLogRatio`): ``K`` tokens that sum to zero, mapped back by a softmax, which
@@ -36,8 +38,9 @@ from numpyro.distributions.transforms import biject_to
 from numpyro_simformer.tokens.layout import TokenLayout
 from numpyro_simformer.model.sites import SiteInfo, discrete_support_bounds, support_bounds
 
-__all__ = ["site_bijection", "DiscreteRound", "outside_discrete_support", "warn_extrapolation", "SimplexLogRatio",
-           "AbstractIntervalBijection", "IntervalClip", "IntervalReflect", "INTERVAL_SITES", "base_transform",
+__all__ = ["dequantization_widths", "integer_valued_sites", "site_bijection", "DiscreteRound",
+           "outside_discrete_support", "warn_extrapolation", "SimplexLogRatio",
+           "AbstractIntervalBijection", "IntervalClip", "IntervalReflect", "INTERVAL_SITES", "DISCRETE_SITES", "base_transform",
            "couples_elements", "TokenTransform", "fit_token_transform", "tokens_to_z"]
 
 
@@ -212,6 +215,7 @@ class IntervalReflect(AbstractIntervalBijection):
 # or in their own coordinates with draws outside the interval "reflect"ed back in or
 # "reject"ed and redrawn.
 INTERVAL_SITES = ("transform", "reflect", "reject")
+DISCRETE_SITES = ("dequantize", "integers")
 
 
 def base_transform(bijection):
@@ -498,6 +502,34 @@ def tokens_to_z(layout: TokenLayout, tokens: np.ndarray, supports=None, pool_nod
         rows = slice(start, start + chunk_size)
         tokens[rows] = np.asarray(z_score(tokens[rows]))
     return fitted, finite
+
+
+def dequantization_widths(transform: TokenTransform) -> np.ndarray | None:
+    """float32 (num_tokens,): the integers' unit spacing in z-space (``1 / std``) for the
+    elements of discrete sites, 0 elsewhere; ``None`` when the layout has no discrete site."""
+    widths = np.zeros(transform.layout.num_tokens, np.float32)
+    slices = transform.layout.slices()
+    for site in transform.layout.sites:
+        if site.is_discrete:
+            widths[slices[site.name]] = 1.0 / transform.std[slices[site.name]]
+    return widths if widths.any() else None
+
+
+def integer_valued_sites(layout: TokenLayout, tokens: np.ndarray, *, min_rows: int = 20) -> list[str]:
+    """Continuous sites whose every simulated value is an integer (in at least ``min_rows``
+    rows of constrained ``tokens``, (num_simulations, num_tokens)): discrete outputs whose
+    support was not declared."""
+    if tokens.shape[0] < min_rows:
+        return []
+    slices = layout.slices()
+    found = []
+    for site in layout.sites:
+        if site.is_discrete or site.size == 0:
+            continue
+        values = tokens[:, slices[site.name]]
+        if np.array_equal(values, np.round(values)):
+            found.append(site.name)
+    return found
 
 
 def fit_token_transform(layout: TokenLayout, tokens: np.ndarray, supports=None, pool_nodes: bool = False,

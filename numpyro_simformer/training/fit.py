@@ -26,7 +26,8 @@ from numpyro_simformer.model.spec import ModelSpec
 from numpyro_simformer.model.variable import Subsampler
 from numpyro_simformer.nn import NetworkConfig
 from numpyro_simformer.training.state import FittedState, network_for_spec, spec_denoiser_fn
-from numpyro_simformer.tokens.transforms import tokens_to_z
+from numpyro_simformer.tokens.transforms import (DISCRETE_SITES, dequantization_widths, integer_valued_sites,
+                                                 tokens_to_z)
 from numpyro_simformer.training.loop import TrainingConfig, train
 
 __all__ = ["fit_state", "FEW_SIMULATIONS"]
@@ -37,8 +38,8 @@ FEW_SIMULATIONS = 100
 
 def fit_state(rng_key, spec: ModelSpec, draws: dict[str, np.ndarray], info: SimulationInfo, *,
               network: NetworkConfig, sde, training: TrainingConfig, condition_masks: ConditionMaskDistribution,
-              interval_sites: str = "transform", points_per_dim: int = 20, progress_bar: bool = False,
-              simulation_time: float = 0.0) -> FittedState:
+              interval_sites: str = "transform", discrete_sites: str = "dequantize", points_per_dim: int = 20,
+              progress_bar: bool = False, simulation_time: float = 0.0) -> FittedState:
     """Train a Simformer on ``draws`` of ``spec``'s token sites.
 
     Args:
@@ -47,8 +48,8 @@ def fit_state(rng_key, spec: ModelSpec, draws: dict[str, np.ndarray], info: Simu
         draws: ``{site: array (num_simulations, *site shape)}``, finite rows only. Emptied
             once tokenised (the caller's dict too), so that the host holds one copy.
         info: the :class:`SimulationInfo` of the draws.
-        network, sde, training, condition_masks, interval_sites, points_per_dim: as the
-            :class:`~numpyro_simformer.Simformer` arguments of those names.
+        network, sde, training, condition_masks, interval_sites, discrete_sites, points_per_dim:
+            as the :class:`~numpyro_simformer.Simformer` arguments of those names.
         progress_bar: a training progress bar.
         simulation_time: seconds spent simulating (recorded in the state).
 
@@ -64,8 +65,11 @@ def fit_state(rng_key, spec: ModelSpec, draws: dict[str, np.ndarray], info: Simu
         warnings.warn(f"{info.num_invalid} of {info.num_requested} simulations contained NaN or inf and were dropped.",
                       stacklevel=3)
     layout = spec.layout
+    if discrete_sites not in DISCRETE_SITES:
+        raise ValueError(f"`discrete_sites` must be one of {DISCRETE_SITES}, got {discrete_sites!r}.")
     data = layout.flatten_host(draws)  # the draws are handed over site by site
     draws.clear()
+    _warn_integer_valued(layout, data)
     variable_size = spec.variable_dims is not None
     transform, finite = tokens_to_z(layout, data, spec.supports, pool_nodes=variable_size,
                                     interval_sites=interval_sites)
@@ -85,22 +89,44 @@ def fit_state(rng_key, spec: ModelSpec, draws: dict[str, np.ndarray], info: Simu
     key_init, key_train = jax.random.split(rng_key)
     graphdef, params, constants = nnx.split(network_for_spec(spec, network, nnx.Rngs(params=key_init)), nnx.Param, ...)
     denoiser_fn = spec_denoiser_fn(graphdef, constants, spec)
+    dequantize = dequantization_widths(transform) if discrete_sites == "dequantize" else None
     subsample, data_mask = None, spec.data_mask
     if variable_size:  # train on random subsets: the subset's node ids
         subsample = Subsampler.build(layout, spec.variable_dims, spec.attention_mask, points_per_dim)
         data_mask = spec.data_mask_of(subsample.template)
         denoiser_fn = functools.partial(denoiser_fn, node_ids=jnp.asarray(subsample.template.node_ids))
+        if dequantize is not None:  # a subset's positions hold elements of their node (pooled statistics)
+            node_widths = np.zeros(layout.num_nodes, np.float32)
+            node_widths[layout.node_ids] = dequantize
+            dequantize = node_widths[subsample.template.node_ids]
+    tag = (layout.labels, network, variable_size, sde, np.packbits(spec.attention_mask).tobytes(),
+           points_per_dim, None if spec.grouping is None else spec.grouping.members.tobytes())
+    if dequantize is not None:  # runs without discrete sites keep their fingerprints
+        tag += ("dequantize",)
     start = time.perf_counter()
     params, history = train(
-        key_train, build_example_losses_fn(denoiser_fn, sde, _token_weights(spec.grouping)), params, data, data_mask, training, condition_masks,
-        progress_bar=progress_bar,
-        checkpoint_tag=repr((layout.labels, network, variable_size, sde, np.packbits(spec.attention_mask).tobytes(),
-                             points_per_dim, None if spec.grouping is None else spec.grouping.members.tobytes())),
+        key_train, build_example_losses_fn(denoiser_fn, sde, _token_weights(spec.grouping), dequantize), params,
+        data, data_mask, training, condition_masks, progress_bar=progress_bar, checkpoint_tag=repr(tag),
         subsample=subsample,
     )
     return FittedState(spec=spec, transform=transform, network=network, sde=sde, graphdef=graphdef,
                        constants=constants, params=params, history=history, simulation_info=info,
                        simulation_time=simulation_time, training_time=time.perf_counter() - start)
+
+
+def _warn_integer_valued(layout, data) -> None:
+    """Warn about continuous sites whose every simulated value is an integer."""
+    found = integer_valued_sites(layout, data)
+    if found:
+        warnings.warn(
+            f"Every simulated value of {', '.join(map(repr, found))} is an integer ({data.shape[0]} simulations), "
+            "but the site's support is continuous, so the network learns point masses, which can cost much "
+            "accuracy on every query. If the site is discrete, declare it: a discrete distribution, or "
+            "`Simulator(..., support=constraints.boolean)` (or `nonnegative_integer`, "
+            "`integer_interval(a, b)`); discrete sites are trained as densities over each integer's "
+            "unit bin (`discrete_sites='dequantize'`) and returned as integers.",
+            stacklevel=4,
+        )
 
 
 def _token_weights(grouping):

@@ -18,6 +18,16 @@ token) with library defaults and a 5-minute budget, changing one thing per varia
   parameters' tokens in the loss (each data token 10/25 instead of 1).
 - ``posterior_heavy``: the mask mixture moved towards the posterior (joint 0.1, posterior
   0.6, likelihood 0.1, Bernoulli 0.1 and 0.1, against 0.2 each by default).
+- ``dequantize``: the model's data are the simulator's integers plus U(-1/2, 1/2) noise of
+  their own (a user-level change, no patch). p(theta | x + u) = p(theta | x) exactly, since
+  x + u determines x, so conditioning on the observed integers (the bins' centres) asks the
+  same question; what changes is that the data's scores are those of a density, not of
+  point masses. Tests whether denoising point masses is what costs the parameters.
+- ``declared``: the outputs declared binary (``Simulator(..., support=constraints.boolean)``,
+  as ``sbibm_suite.user_model`` does since the library warns about integer-valued sites), so
+  the library trains them dequantized (``discrete_sites="dequantize"``, its default since
+  then). Every other variant keeps them real-valued, as they ran.
+- ``--width`` / ``--num-layers``: a larger network (mlp_width follows at twice the width).
 
 Then scores observations 1-3 (early-stopped MLP C2ST, 10,000 per side) and prints, per
 parameter, the posterior's bias and width against the reference (in reference sds).
@@ -28,18 +38,20 @@ import jax, numpy as np
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--task", default="bernoulli_glm_raw")
-parser.add_argument("--variant", choices=["library", "posterior_masks", "theta_loss", "posterior_heavy", "balanced"],
+parser.add_argument("--variant", choices=["library", "posterior_masks", "theta_loss", "posterior_heavy", "balanced", "dequantize", "declared"],
                     default="library")
 parser.add_argument("--max-time", type=float, default=300)
 parser.add_argument("--num-simulations", type=int, default=10_000)
 parser.add_argument("--max-steps", type=int, default=None, help="smoke runs only")
 parser.add_argument("--observations", type=int, nargs="+", default=[1, 2, 3])
 parser.add_argument("--num-samples", type=int, default=10_000)
+parser.add_argument("--width", type=int, default=None, help="NetworkConfig.width (mlp_width follows at 2x)")
+parser.add_argument("--num-layers", type=int, default=None, help="NetworkConfig.num_layers")
 args = parser.parse_args()
 
 import sbibm_jax
 from sbibm_suite import user_model
-from numpyro_simformer import ConditionMaskDistribution, Simformer, TrainingConfig
+from numpyro_simformer import ConditionMaskDistribution, NetworkConfig, Simformer, TrainingConfig
 from numpyro_simformer.diagnostics import c2st
 
 options = {}
@@ -61,10 +73,29 @@ if args.variant in ("theta_loss", "balanced"):  # patches library internals (not
         weights[10:] *= 0.0 if args.variant == "theta_loss" else 10 / 25
         return weights
     fit_module._token_weights = _token_weights
+network = {}
+if args.width is not None:
+    network.update(width=args.width, mlp_width=2 * args.width)
+if args.num_layers is not None:
+    network.update(num_layers=args.num_layers)
+if network:
+    options["network"] = NetworkConfig(**network)
 task = sbibm_jax.get_task(args.task)
 key_fit, key_sample = jax.random.split(jax.random.key(0))
 start = time.perf_counter()
-sf = Simformer(user_model(task), num_simulations=args.num_simulations, training=TrainingConfig(**training),
+model = user_model(task, declare_support=args.variant == "declared")
+if args.variant == "dequantize":
+    import numpyro, numpyro.distributions as dist
+    from numpyro_simformer import Simulator
+    batched = task.get_simulator(jax.random.key(0))
+    def simulate(key, theta):
+        key_sim, key_u = jax.random.split(key)
+        x = batched(key_sim, theta[None])[0]
+        return x + jax.random.uniform(key_u, x.shape, x.dtype, -0.5, 0.5)
+    def model():
+        theta = numpyro.sample("theta", task.get_prior_dist())
+        numpyro.sample("x", Simulator(simulate, theta))
+sf = Simformer(model, num_simulations=args.num_simulations, training=TrainingConfig(**training),
                progress_bar=False, **options).fit(key_fit)
 scores, bias, width = [], [], []
 for number in args.observations:
@@ -75,7 +106,7 @@ for number in args.observations:
     scores.append(round(float(c2st(ref, est, early_stopping=True)), 4))
     bias.append(np.round((est.mean(0) - ref.mean(0)) / ref.std(0), 2).tolist())
     width.append(np.round(est.std(0) / ref.std(0), 2).tolist())
-print(json.dumps({"task": args.task, "variant": args.variant, "max_time": args.max_time,
+print(json.dumps({"task": args.task, "variant": args.variant, "network": network, "max_time": args.max_time,
                   "steps": int(sf.history.step[-1]), "training_s": round(sf.training_time, 1), "c2st": scores,
                   "mean": round(float(np.mean(scores)), 4), "bias_in_ref_sd": bias, "width_over_ref": width,
                   "total_s": round(time.perf_counter() - start)}))
