@@ -361,7 +361,8 @@ class Simformer:
     def _fit_options(self) -> dict:
         return dict(network=self.network_config, sde=self.sde, training=self.training_config,
                     condition_masks=self.condition_masks, interval_sites=self.interval_sites,
-                    discrete_sites=self.discrete_sites, points_per_dim=self.points_per_dim, progress_bar=self.progress_bar)
+                    discrete_sites=self.discrete_sites, points_per_dim=self.points_per_dim,
+                    progress_bar=self.progress_bar)
 
     def _set_state(self, state: FittedState) -> None:
         self.state = state

@@ -13,7 +13,7 @@ from numpyro_simformer.diagnostics import c2st_fast
 from numpyro_simformer.diagnostics.c2st import c2st_null_std
 from numpyro_simformer.diffusion.loss import DEQUANTIZATION_SD, dequantize_example
 from numpyro_simformer.model.spec import read_model_spec
-from numpyro_simformer.tokens.transforms import dequantization_widths, fit_token_transform
+from numpyro_simformer.tokens.transforms import dequantization_widths, fit_token_transform, integer_valued_sites
 
 from helpers import TINY
 
@@ -64,6 +64,38 @@ def test_continuous_models_do_not_depend_on_the_option(rng_key):
     params = [Simformer(model, discrete_sites=option, **TINY).fit(rng_key).params for option in ("dequantize", "integers")]
     for left, right in zip(jax.tree.leaves(params[0]), jax.tree.leaves(params[1])):
         np.testing.assert_array_equal(left, right)
+
+
+def test_integer_valued_sites_are_found_among_the_continuous_ones(rng_key):
+    spec = read_model_spec(rng_key, beta_bernoulli, (), {}, Simformer(beta_bernoulli).model_options)
+    x = np.random.default_rng(0).integers(0, 2, size=(50, NUM_TRIALS)).astype(np.float32)
+    def found(p):
+        return integer_valued_sites(spec.layout, spec.layout.flatten_host({"p": p.astype(np.float32), "x": x}))
+    assert found(np.linspace(0.1, 0.9, 50)) == []  # x is declared discrete, p is real
+    assert found(np.arange(50) % 2) == ["p"]  # p only ever 0 or 1
+    assert found(np.ones(50)) == []  # a constant is no sign of a discrete site
+    assert integer_valued_sites(spec.layout, spec.layout.flatten_host(
+        {"p": (np.arange(10) % 2).astype(np.float32), "x": x[:10]})) == []  # too few rows to tell
+
+
+@pytest.mark.parametrize("interval_sites", ["transform", "reflect"])
+def test_counts_along_a_coordinate_train_and_answer_at_new_coordinates(rng_key, interval_sites):
+    """Training on random subsets of a series (pooled statistics per node) blurs the counts
+    at each subset position by its node's spacing; a query at other coordinates (another
+    size) rounds and clips the counts, and keeps a bounded series inside its interval."""
+    def counts(t):
+        rate = numpyro.sample("rate", dist.LogNormal(1.0, 0.3))
+        with numpyro.plate("time", len(t)):
+            numpyro.sample("y", dist.Poisson(rate * (1.0 + t)))
+            numpyro.sample("share", dist.Beta(rate, 2.0))
+
+    grid = np.linspace(0.0, 1.0, 10)
+    sf = Simformer(counts, coordinates={"time": "t"}, points_per_dim=4, interval_sites=interval_sites,
+                   **TINY).fit(rng_key, t=grid)
+    tree = sf.sample(rng_key, observed={"rate": 2.0}, num_samples=8, model_kwargs={"t": np.array([0.2, 0.7])})
+    y, share = tree.posterior_predictive["y"].values, tree.posterior_predictive["share"].values
+    assert y.shape == (1, 8, 2) and np.issubdtype(y.dtype, np.integer) and np.all(y >= 0)
+    assert share.shape == (1, 8, 2) and np.all((share >= 0) & (share <= 1))
 
 
 def test_bad_option_names_the_argument():

@@ -39,8 +39,8 @@ from numpyro_simformer.tokens.layout import TokenLayout
 from numpyro_simformer.model.sites import SiteInfo, discrete_support_bounds, support_bounds
 
 __all__ = ["dequantization_widths", "integer_valued_sites", "site_bijection", "DiscreteRound",
-           "outside_discrete_support", "warn_extrapolation", "SimplexLogRatio",
-           "AbstractIntervalBijection", "IntervalClip", "IntervalReflect", "INTERVAL_SITES", "DISCRETE_SITES", "base_transform",
+           "outside_discrete_support", "warn_extrapolation", "SimplexLogRatio", "AbstractIntervalBijection",
+           "IntervalClip", "IntervalReflect", "INTERVAL_SITES", "DISCRETE_SITES", "base_transform",
            "couples_elements", "TokenTransform", "fit_token_transform", "tokens_to_z"]
 
 
@@ -230,6 +230,15 @@ def couples_elements(bijection) -> bool:
     return base_transform(bijection).domain.event_dim > 0
 
 
+def _bounds_of(bounds, shape) -> np.ndarray:
+    """A site's bounds: one value when all its elements share it (so the bijection applies at
+    any size, a series queried at new coordinates), else one per element of ``shape``."""
+    bounds = np.broadcast_to(np.asarray(bounds, np.float32), tuple(shape))
+    if bounds.size and np.all(bounds == bounds.flat[0]):
+        return np.asarray(bounds.flat[0])
+    return bounds
+
+
 def site_bijection(site: SiteInfo, support=None, interval_sites: str = "transform"):
     """The map from unconstrained space onto ``site``'s support, one coordinate per element.
 
@@ -246,13 +255,12 @@ def site_bijection(site: SiteInfo, support=None, interval_sites: str = "transfor
         raise ValueError(f"`interval_sites` must be one of {INTERVAL_SITES}, got {interval_sites!r}.")
     if site.is_discrete:
         lower, upper = discrete_support_bounds(support)
-        return DiscreteRound(np.broadcast_to(lower, site.shape), np.broadcast_to(upper, site.shape))
+        return DiscreteRound(_bounds_of(lower, site.shape), _bounds_of(upper, site.shape))
     base_support = getattr(support, "base_constraint", support)
     if interval_sites != "transform" and isinstance(base_support, constraints._Interval):
         lower, upper = support_bounds(support)
-        shape = tuple(site.shape)
         kind = IntervalReflect if interval_sites == "reflect" else IntervalClip
-        return kind(np.broadcast_to(lower, shape), np.broadcast_to(upper, shape),
+        return kind(_bounds_of(lower, site.shape), _bounds_of(upper, site.shape),
                     open_bounds=isinstance(base_support, constraints._OpenInterval))
     if isinstance(base_support, type(constraints.simplex)):
         base = SimplexLogRatio()
@@ -517,8 +525,8 @@ def dequantization_widths(transform: TokenTransform) -> np.ndarray | None:
 
 def integer_valued_sites(layout: TokenLayout, tokens: np.ndarray, *, min_rows: int = 20) -> list[str]:
     """Continuous sites whose every simulated value is an integer (in at least ``min_rows``
-    rows of constrained ``tokens``, (num_simulations, num_tokens)): discrete outputs whose
-    support was not declared."""
+    rows of constrained ``tokens``, (num_simulations, num_tokens)), and not all the same
+    one: discrete outputs whose support was not declared."""
     if tokens.shape[0] < min_rows:
         return []
     slices = layout.slices()
@@ -527,7 +535,7 @@ def integer_valued_sites(layout: TokenLayout, tokens: np.ndarray, *, min_rows: i
         if site.is_discrete or site.size == 0:
             continue
         values = tokens[:, slices[site.name]]
-        if np.array_equal(values, np.round(values)):
+        if values.min() != values.max() and np.array_equal(values, np.round(values)):
             found.append(site.name)
     return found
 

@@ -1,7 +1,10 @@
 # Experiment script, run 2026-12-06 against commit b026b79 as
 # `python exp_bglm_raw.py --variant {library,posterior_masks,theta_loss,posterior_heavy,balanced}`
 # and `--task bernoulli_glm --variant {library,posterior_masks}` (log: exp_bglm_raw.log; one JSON
-# line per run). Kept as a record, not maintained.
+# line per run); on 2026-12-07 `--width 128` and `--variant dequantize` (against 7a627e4),
+# `--variant declared` (e936faa), `--task bernoulli_glm --variant {count_blur,library}` (295df2b plus the bounds fix, which
+# changes nothing for these continuous models).
+# Kept as a record, not maintained.
 """Diagnostic: why is bernoulli_glm_raw (0.935) far above NPE (0.765) at 10^4 simulations?
 
 Fits bernoulli_glm_raw (10 parameters, 100 binary outputs, 35 tokens: the data four to a
