@@ -523,10 +523,15 @@ def dequantization_widths(transform: TokenTransform) -> np.ndarray | None:
     return widths if widths.any() else None
 
 
-def integer_valued_sites(layout: TokenLayout, tokens: np.ndarray, *, min_rows: int = 20) -> list[str]:
+def integer_valued_sites(layout: TokenLayout, tokens: np.ndarray, *, min_rows: int = 20,
+                         chunk_rows: int = 4_096) -> list[str]:
     """Continuous sites whose every simulated value is an integer (in at least ``min_rows``
     rows of constrained ``tokens``, (num_simulations, num_tokens)), and not all the same
-    one: discrete outputs whose support was not declared."""
+    one: discrete outputs whose support was not declared.
+
+    Read ``chunk_rows`` rows at a time, stopping at a site's first non-integer chunk, so the
+    check costs a chunk's memory, and for a real-valued site about one chunk's time.
+    """
     if tokens.shape[0] < min_rows:
         return []
     slices = layout.slices()
@@ -535,7 +540,8 @@ def integer_valued_sites(layout: TokenLayout, tokens: np.ndarray, *, min_rows: i
         if site.is_discrete or site.size == 0:
             continue
         values = tokens[:, slices[site.name]]
-        if values.min() != values.max() and np.array_equal(values, np.round(values)):
+        chunks = (values[start:start + chunk_rows] for start in range(0, values.shape[0], chunk_rows))
+        if all(np.array_equal(chunk, np.round(chunk)) for chunk in chunks) and values.min() != values.max():
             found.append(site.name)
     return found
 
