@@ -89,16 +89,13 @@ def fit_state(rng_key, spec: ModelSpec, draws: dict[str, np.ndarray], info: Simu
     key_init, key_train = jax.random.split(rng_key)
     graphdef, params, constants = nnx.split(network_for_spec(spec, network, nnx.Rngs(params=key_init)), nnx.Param, ...)
     denoiser_fn = spec_denoiser_fn(graphdef, constants, spec)
-    dequantize = dequantization_widths(transform) if discrete_sites == "dequantize" else None
-    subsample, data_mask = None, spec.data_mask
+    subsample, data_mask, trained = None, spec.data_mask, transform
     if variable_size:  # train on random subsets: the subset's node ids
         subsample = Subsampler.build(layout, spec.variable_dims, spec.attention_mask, points_per_dim)
         data_mask = spec.data_mask_of(subsample.template)
         denoiser_fn = functools.partial(denoiser_fn, node_ids=jnp.asarray(subsample.template.node_ids))
-        if dequantize is not None:  # a subset's positions hold elements of their node (pooled statistics)
-            node_widths = np.zeros(layout.num_nodes, np.float32)
-            node_widths[layout.node_ids] = dequantize
-            dequantize = node_widths[subsample.template.node_ids]
+        trained = transform.on_layout(subsample.template)  # a subset's positions: their nodes' statistics
+    dequantize = dequantization_widths(trained) if discrete_sites == "dequantize" else None
     tag = (layout.labels, network, variable_size, sde, np.packbits(spec.attention_mask).tobytes(),
            points_per_dim, None if spec.grouping is None else spec.grouping.members.tobytes())
     if dequantize is not None:  # runs without discrete sites keep their fingerprints
@@ -123,8 +120,8 @@ def _warn_integer_valued(layout, data) -> None:
             "but the site's support is continuous, so the network learns point masses, which can cost much "
             "accuracy on every query. If the site is discrete, declare it: a discrete distribution, or "
             "`Simulator(..., support=constraints.boolean)` (or `nonnegative_integer`, "
-            "`integer_interval(a, b)`); discrete sites are trained as densities over each integer's "
-            "unit bin (`discrete_sites='dequantize'`) and returned as integers.",
+            "`integer_interval(a, b)`); a discrete site's integers are blurred by narrow Gaussian noise "
+            "in training (`discrete_sites='dequantize'`) and returned as integers.",
             stacklevel=4,
         )
 
