@@ -168,7 +168,7 @@ def main(tiny: bool = False, output: str = "hodgkin-huxley-output") -> dict:
         sampler = GuidedEulerMaruyama(num_steps=25, resampling_steps=5)
     else:
         dt, num_simulations, num_samples, num_resimulated = 0.025, 10_000, 1_000, 1_000
-        network, training = NetworkConfig(), TrainingConfig(max_steps=12_000, validation_interval=1_000)
+        network, training = NetworkConfig(num_layers=3), TrainingConfig(max_steps=12_000, validation_interval=1_000)
         sampler = GuidedEulerMaruyama(num_steps=50, resampling_steps=5)
     start = time.perf_counter()
 

@@ -90,7 +90,7 @@ def main(tiny: bool = False, output: str = "docs/images") -> dict:
         training = TrainingConfig(max_steps=20, steps_per_call=10, batch_size=32, validation_fraction=0.0)
         num_simulations, grid_size, points_per_dim, num_samples = 200, 10, 5, 100
     else:
-        network = NetworkConfig()  # width 64, 3 layers, 2 heads
+        network = NetworkConfig(num_layers=3)  # width 64, 2 heads; the depth the documented run had
         # a short run: a faster rate and a shorter weight average than the defaults (60,000 steps at most)
         training = TrainingConfig(max_steps=4_000, learning_rate=2e-3, ema_decay=0.99, validation_interval=250)
         num_simulations, grid_size, points_per_dim, num_samples = 10_000, 50, 16, 500

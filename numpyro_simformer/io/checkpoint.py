@@ -7,7 +7,8 @@ A Simformer checkpoint is a directory with two parts and no pickle:
   discrete flags, supports, node ids, coordinates), the parents graph, the attention
   mask, the data mask, the token grouping (which elements share a token, and the tokens'
   attention mask) when there is one, the z-scoring mean and standard deviation, the options given to
-  the constructor (configurations are stored as their type name and fields), the
+  the constructor (configurations are stored as their type name and fields), the network
+  configuration the fit resolved (its depth, when the default let it follow the model), the
   training history, the simulation info, and a SHA-256 digest of the weights.
 - ``arrays/``: the network's parameters and its fixed constants, written by Orbax.
 
@@ -45,6 +46,7 @@ from numpyro_simformer.model.graph import element_parents
 from numpyro_simformer.model.simulate import SimulationInfo, simulate
 from numpyro_simformer.model.sites import SiteInfo, read_sites, trace_model
 from numpyro_simformer.model.spec import ModelOptions, ModelSpec
+from numpyro_simformer.nn import NetworkConfig
 from numpyro_simformer.training.state import FittedState, network_for_spec
 from numpyro_simformer.tokens.grouping import TokenGrouping
 from numpyro_simformer.tokens.layout import TokenLayout
@@ -181,6 +183,7 @@ def save_simformer(sf, path, *, overwrite: bool = False) -> pathlib.Path:
     layout = spec.layout
     record = record_header()
     record["options"] = _options_record(sf)
+    record["fitted_network"] = encode_config(state.network)  # the depth the fit resolved
     record["layout"] = {
         "sites": [
             {
@@ -347,6 +350,11 @@ def read_checkpoint(path, model: Callable, model_args: tuple = (), model_kwargs:
         history = decode_named_tuple(TrainingHistory, record["history"])
         simulation_info = decode_named_tuple(SimulationInfo, record["simulation_info"])
         arrays = record["arrays"]
+        # the depth the fit resolved; checkpoints from before the default depth grew with the
+        # model have none, and their "network" always had an integer depth
+        network = decode_config(record["fitted_network"]) if "fitted_network" in record else options["network"]
+        if not isinstance(network, NetworkConfig) or network.num_layers is None:
+            raise CheckpointError(f"{where}: its fitted network record is garbled ({network!r}).")
     except CheckpointError:
         raise
     except (KeyError, TypeError, ValueError, AttributeError) as error:
@@ -388,7 +396,7 @@ def read_checkpoint(path, model: Callable, model_args: tuple = (), model_kwargs:
         raise CheckpointError(f"{where}: its data mask covers parts of sites; it was not written by `save`.")
     if grouping is not None and (grouping.members.max() >= num_tokens or grouping.num_elements != num_tokens):
         raise CheckpointError(f"{where}: its grouping does not cover the layout's {num_tokens} elements once each.")
-    abstract = nnx.eval_shape(lambda: network_for_spec(spec, options["network"], nnx.Rngs(params=0)))
+    abstract = nnx.eval_shape(lambda: network_for_spec(spec, network, nnx.Rngs(params=0)))
     graphdef, abstract_params, abstract_constants = nnx.split(abstract, nnx.Param, ...)
     restored = restore_arrays(path / _ARRAYS_DIR, {"params": abstract_params, "constants": abstract_constants},
                                arrays, where)
@@ -396,7 +404,7 @@ def read_checkpoint(path, model: Callable, model_args: tuple = (), model_kwargs:
                                              for site in sites), mean, std)
     timings = record.get("timings", {})
     state = FittedState(
-        spec=spec, transform=transform, network=options["network"], sde=options["sde"], graphdef=graphdef,
+        spec=spec, transform=transform, network=network, sde=options["sde"], graphdef=graphdef,
         constants=restored["constants"], params=restored["params"], history=history,
         simulation_info=simulation_info, simulation_time=float(timings.get("simulation_time", 0.0)),
         training_time=float(timings.get("training_time", 0.0)),

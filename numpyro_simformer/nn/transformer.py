@@ -20,6 +20,7 @@ parameter state: ``nnx.split`` once, ``nnx.merge`` inside the traced function.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import jax
@@ -27,7 +28,29 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-__all__ = ["NetworkConfig", "SimformerNetwork", "build_denoiser_fn"]
+__all__ = ["NetworkConfig", "SimformerNetwork", "build_denoiser_fn", "default_num_layers"]
+
+
+#: The default depth grows with the model: at most this many tokens take
+#: ``SMALL_MODEL_LAYERS`` attention layers, more take ``LARGE_MODEL_LAYERS``.
+SMALL_MODEL_TOKENS = 8
+SMALL_MODEL_LAYERS = 3
+LARGE_MODEL_LAYERS = 6
+
+
+def default_num_layers(num_tokens: int) -> int:
+    """The depth ``NetworkConfig(num_layers=None)`` takes for a model of ``num_tokens`` tokens.
+
+    3 layers up to 8 tokens, 6 above. The evidence (``docs/benchmarks.md``, sbibm MLP or RF
+    C2ST at 10,000 simulations): depth pays where a conditional needs structure spread over
+    many tokens, and costs only time where it does not. SLCP (13 tokens) reached 0.616-0.631
+    with 6 layers against 0.738 with 3; the 10-step HMM's random conditionals (20 tokens)
+    0.532-0.543 against 0.567, since with a graph attention mask each layer reaches one more
+    link of the chain; the linear Gaussian (20 tokens) gave 0.504 against 0.503. On Two Moons
+    and the Gaussian mixture (4 tokens) 6 layers changed nothing (0.533 against 0.531,
+    0.519 against 0.521) at about twice the time per step, so small models keep 3.
+    """
+    return SMALL_MODEL_LAYERS if num_tokens <= SMALL_MODEL_TOKENS else LARGE_MODEL_LAYERS
 
 
 @dataclass(frozen=True)
@@ -36,17 +59,16 @@ class NetworkConfig:
 
     Defaults suit a 2-core CPU (a small problem trains in minutes); scale ``width``,
     ``num_layers`` and ``mlp_width`` up on a GPU. The paper's benchmark model is
-    ``NetworkConfig(width=50, num_layers=6, num_heads=4, mlp_width=150)``. Depth pays on
-    conditionals with intricate structure: SLCP at 10,000 simulations reached a C2ST of
-    0.631 with ``num_layers=6`` against 0.738 with the default 3 (twice the time per step;
-    docs/benchmarks.md); on Two Moons and the linear Gaussian 6 layers only cost speed (design notes).
-    With a graph attention mask each layer reaches one more link of the model's graph, so a
-    long chain needs depth for queries that depend on its far ends: the 10-step HMM's random
-    conditionals gave 0.543 with 6 layers against 0.567 with 3 (its joint 0.56 against 0.60).
+    ``NetworkConfig(width=50, num_layers=6, num_heads=4, mlp_width=150)``.
+
+    ``num_layers=None`` (the default) lets the depth grow with the model
+    (:func:`default_num_layers`): 3 attention layers for a model of at most 8 tokens, 6 for
+    a larger one. A fit resolves it (``sf.state.network.num_layers`` is the depth trained;
+    checkpoints record it); an integer fixes the depth.
     """
 
     width: int = 64
-    num_layers: int = 3
+    num_layers: int | None = None
     num_heads: int = 2
     mlp_width: int = 128
     num_time_features: int = 64
@@ -54,13 +76,22 @@ class NetworkConfig:
 
     def __post_init__(self):
         for name in ("width", "num_layers", "num_heads", "mlp_width", "num_time_features"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:  # num_layers=None: by the model
                 raise ValueError(f"NetworkConfig.{name} must be positive, got {getattr(self, name)}.")
         if self.width % self.num_heads:
             raise ValueError(
                 f"NetworkConfig.width ({self.width}) must be divisible by num_heads "
                 f"({self.num_heads})."
             )
+
+    def for_tokens(self, num_tokens: int) -> NetworkConfig:
+        """This configuration with its depth fixed for a model of ``num_tokens`` tokens.
+
+        An integer ``num_layers`` is kept; ``None`` becomes :func:`default_num_layers`.
+        """
+        if self.num_layers is not None:
+            return self
+        return dataclasses.replace(self, num_layers=default_num_layers(num_tokens))
 
 
 def _fourier_features(x, frequencies):
@@ -95,7 +126,8 @@ class SimformerNetwork(nnx.Module):
 
     Args:
         num_nodes: size of the node-identity table.
-        config: a :class:`NetworkConfig`.
+        config: a :class:`NetworkConfig`; an unresolved depth (``num_layers=None``) is
+            fixed for ``num_nodes`` tokens (:meth:`NetworkConfig.for_tokens`).
         variable_size: the model has coordinate or exchangeable dims (sizes that change
             between training and queries).
         slots: elements per token (the most of any token of a
@@ -105,6 +137,7 @@ class SimformerNetwork(nnx.Module):
 
     def __init__(self, num_nodes: int, config: NetworkConfig = NetworkConfig(), *, variable_size: bool = False,
                  slots: int = 1, rngs: nnx.Rngs):
+        config = config.for_tokens(num_nodes)
         width = config.width
         self.slots = int(slots)
         self.node_embedding = nnx.Embed(num_nodes, width, rngs=rngs)

@@ -25,7 +25,7 @@ from numpyro_simformer.model.simulate import SimulationInfo
 from numpyro_simformer.model.spec import ModelSpec
 from numpyro_simformer.model.variable import Subsampler
 from numpyro_simformer.nn import NetworkConfig
-from numpyro_simformer.training.state import FittedState, network_for_spec, spec_denoiser_fn
+from numpyro_simformer.training.state import FittedState, network_config_for_spec, network_for_spec, spec_denoiser_fn
 from numpyro_simformer.tokens.transforms import (DISCRETE_SITES, dequantization_widths, integer_valued_sites,
                                                  tokens_to_z)
 from numpyro_simformer.training.loop import TrainingConfig, train
@@ -87,6 +87,7 @@ def fit_state(rng_key, spec: ModelSpec, draws: dict[str, np.ndarray], info: Simu
             stacklevel=3,
         )
     key_init, key_train = jax.random.split(rng_key)
+    network = network_config_for_spec(spec, network)  # the default depth follows the token count
     graphdef, params, constants = nnx.split(network_for_spec(spec, network, nnx.Rngs(params=key_init)), nnx.Param, ...)
     denoiser_fn = spec_denoiser_fn(graphdef, constants, spec)
     subsample, data_mask, trained = None, spec.data_mask, transform

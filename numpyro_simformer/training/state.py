@@ -22,11 +22,22 @@ from numpyro_simformer.nn import NetworkConfig, SimformerNetwork, build_denoiser
 from numpyro_simformer.tokens.transforms import TokenTransform
 from numpyro_simformer.training.loop import TrainingHistory
 
-__all__ = ["FittedState", "network_for_spec", "spec_denoiser_fn"]
+__all__ = ["FittedState", "network_config_for_spec", "network_for_spec", "spec_denoiser_fn"]
+
+
+def network_config_for_spec(spec: ModelSpec, config: NetworkConfig) -> NetworkConfig:
+    """``config`` with its depth fixed for ``spec``'s tokens (:meth:`NetworkConfig.for_tokens`).
+
+    The tokens counted are the ones trained: the grouping's, or one per element of the
+    layout at the fit's arguments.
+    """
+    grouping = spec.grouping
+    return config.for_tokens(spec.layout.num_tokens if grouping is None else grouping.num_tokens)
 
 
 def network_for_spec(spec: ModelSpec, config: NetworkConfig, rngs) -> SimformerNetwork:
     """A new :class:`SimformerNetwork` for ``spec``'s tokens: one per element, or the grouping's."""
+    config = network_config_for_spec(spec, config)
     grouping = spec.grouping
     if grouping is None:
         return SimformerNetwork(spec.layout.num_nodes, config, variable_size=spec.variable_dims is not None,
