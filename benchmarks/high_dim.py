@@ -73,6 +73,7 @@ sample_s = time.perf_counter() - start
 print(json.dumps({
     **token_columns(sf),
     "read_s": read_s,
+    "layers": sf.state.network.num_layers,
     "steps": int(sf.history.step[-1]),
     "training_s": sf.training_time,
     "steps_per_s": int(sf.history.step[-1]) / sf.training_time,
@@ -104,6 +105,7 @@ for index in range(3):
     scores.append(c2st(exact, np.asarray(tree.posterior["theta"].values).reshape(num_draws, 2)))
 print(json.dumps({
     **token_columns(sf),
+    "layers": sf.state.network.num_layers,
     "steps": int(sf.history.step[-1]),
     "training_s": sf.training_time,
     "s_per_10k_draws": float(np.median(sampling_s)),
@@ -123,21 +125,23 @@ def _worker(source: str, *argv) -> dict:
 def accuracy(sizes: list[int], max_time: float | None) -> None:
     """Default settings at 10^4 simulations (and optionally a training time budget): training
     time and posterior C2ST against the exact answer."""
-    lines = ["| data elements + 2 | tokens | elements per token | steps | training s | s per 10,000 draws "
-             "| C2ST (3 observations) | mean | peak memory MiB |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| data elements + 2 | tokens | elements per token | layers | steps | training s | s per 10,000 draws "
+             "| C2ST (3 observations) | mean | peak memory MiB |", "|---|---|---|---|---|---|---|---|---|---|"]
     for n in sizes:
         row = _worker(ACCURACY_WORKER, n, max_time or 0)
         print(n, row, flush=True)
         if "error" in row:
-            lines.append(f"| {n + 2} | | | | | | {row['error']} | | |")
+            lines.append(f"| {n + 2} | | | | | | | {row['error']} | | |")
             continue
-        lines.append(f"| {row['elements']} | {row['tokens']} | {row['elements_per_token']} | {row['steps']} "
+        lines.append(f"| {row['elements']} | {row['tokens']} | {row['elements_per_token']} | {row['layers']} | {row['steps']} "
                      f"| {row['training_s']:.0f} | {row['s_per_10k_draws']:.1f} | "
                      f"{', '.join(f'{score:.3f}' for score in row['c2st'])} | {sum(row['c2st']) / 3:.3f} "
                      f"| {row['peak_rss_mib']:.0f} |")
     budget = "" if max_time is None else f" --max-time {max_time:g}"
     settings = "nothing else" if max_time is None else f"`training=TrainingConfig(max_time={max_time:g})`"
-    text = (f"# High-dimensional data sites: accuracy with default settings\n\nMachine: {_machine()}. Command: "
+    code = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                          cwd=Path(__file__).parent).stdout.strip()
+    text = (f"# High-dimensional data sites: accuracy with default settings\n\nMachine: {_machine()}. Code: {code}. Command: "
             f"`python benchmarks/high_dim.py --accuracy --sizes {' '.join(map(str, sizes))}{budget}`. "
             f"`Simformer(model, num_simulations=10_000)` and {settings}, one fresh process per row; C2ST: sbibm's "
             "MLP, 10,000 posterior draws against 10,000 exact ones, three observations simulated from the model.\n\n"

@@ -3,7 +3,8 @@
 # and `--task bernoulli_glm --variant {library,posterior_masks}` (log: exp_bglm_raw.log; one JSON
 # line per run); on 2026-12-07 `--width 128` and `--variant dequantize` (against 7a627e4),
 # `--variant declared` (e936faa), `--task bernoulli_glm --variant {count_blur,library}` (295df2b plus the bounds fix, which
-# changes nothing for these continuous models).
+# changes nothing for these continuous models); on 2026-12-07 `--task bernoulli_glm --variant library --num-layers 6
+# --max-time 0` (89a7dc1: the default schedule, no budget, at six layers).
 # Kept as a record, not maintained.
 """Diagnostic: why is bernoulli_glm_raw (0.935) far above NPE (0.765) at 10^4 simulations?
 
@@ -47,7 +48,7 @@ parser = argparse.ArgumentParser()
 parser.add_argument("--task", default="bernoulli_glm_raw")
 parser.add_argument("--variant", choices=["library", "posterior_masks", "theta_loss", "posterior_heavy", "balanced", "dequantize", "declared", "count_blur"],
                     default="library")
-parser.add_argument("--max-time", type=float, default=300)
+parser.add_argument("--max-time", type=float, default=300, help="0: no budget (the default schedule)")
 parser.add_argument("--num-simulations", type=int, default=10_000)
 parser.add_argument("--max-steps", type=int, default=None, help="smoke runs only")
 parser.add_argument("--observations", type=int, nargs="+", default=[1, 2, 3])
@@ -62,7 +63,7 @@ from numpyro_simformer import ConditionMaskDistribution, NetworkConfig, Simforme
 from numpyro_simformer.diagnostics import c2st
 
 options = {}
-training = {"max_time": args.max_time}
+training = {"max_time": args.max_time} if args.max_time > 0 else {}
 if args.max_steps is not None:
     training.update(max_steps=args.max_steps, warmup_steps=0, steps_per_call=10, validation_interval=10)
 if args.variant == "posterior_masks":
