@@ -46,7 +46,7 @@ TASKS = ["two_moons", "gaussian_linear", "gaussian_linear_uniform", "gaussian_mi
          "bernoulli_glm", "bernoulli_glm_raw", "sir", "lotka_volterra"]
 FIELDS = [
     "task", "num_simulations", "method", "seed", "query", "c2st_mlp", "mlp_early_stopping", "num_c2st_samples",
-    "tokens", "simulation_s", "training_s", "steps", "num_samples", "sampling_s", "peak_rss_mib", "simulations_invalid", "code",
+    "tokens", "layers", "simulation_s", "training_s", "steps", "num_samples", "sampling_s", "peak_rss_mib", "simulations_invalid", "code",
     "machine", "date",
 ]
 # The paper's Simformer (random forest C2ST, read from its figures; the graph-masked variant)
@@ -125,6 +125,7 @@ def _simformer(args, task, key_fit):
     sf = Simformer(user_model(task), num_simulations=args.num_simulations, progress_bar=False).fit(key_fit)
     grouping = sf.spec.grouping
     info = {"tokens": grouping.num_tokens if grouping is not None else len(sf.spec.layout.labels),
+            "layers": sf.state.network.num_layers,
             "simulation_s": round(sf.simulation_time, 1), "training_s": round(sf.training_time, 1),
             "steps": int(sf.history.step[-1]), "simulations_invalid": sf.simulation_info.num_invalid}
 
@@ -221,8 +222,8 @@ def write_markdown(csv_path: Path) -> Path:
         groups.setdefault((row["task"], int(row["num_simulations"]), row["method"], row["code"]), []).append(row)
     lines = [
         "| task | simulations | method | C2ST (sbibm MLP) | MLP early-stopped | observations | paper Simformer (RF) | GenSBI Flux1Joint | "
-        "tokens | simulation s | training s | steps | s per 10,000 draws | peak RSS MiB | code |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "tokens | layers | simulation s | training s | steps | s per 10,000 draws | peak RSS MiB | code |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     order = {name: index for index, name in enumerate(TASKS)}
     for (task, budget, method, code), group in sorted(groups.items(), key=lambda item: (order.get(item[0][0], 99),
@@ -236,7 +237,7 @@ def write_markdown(csv_path: Path) -> Path:
         lines.append(
             f"| {task} | {budget:,} | {method} | {mean('c2st_mlp'):.3f} | {early} | {numbers} | "
             f"{'' if paper is None else f'{paper:.3f}'} | {'' if gensbi is None else f'{gensbi:.3f}'} | "
-            f"{group[0]['tokens']} | {mean('simulation_s'):.0f} | {mean('training_s'):.0f} | {mean('steps'):.0f} | "
+            f"{group[0]['tokens']} | {group[0].get('layers') or ''} | {mean('simulation_s'):.0f} | {mean('training_s'):.0f} | {mean('steps'):.0f} | "
             f"{per_10k:.0f} | {mean('peak_rss_mib'):.0f} | {code} |")
     lines += ["", f"Machine: {rows[0]['machine'] if rows else machine()}. C2ST with "
               f"{rows[0]['num_c2st_samples'] if rows else 10_000} samples per side; the paper's column is its "
