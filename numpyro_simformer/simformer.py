@@ -63,7 +63,9 @@ class Simformer:
             scalar element. Parameters are sites with children in the model graph, data
             are sites without children.
         num_simulations: joint draws used for training by :meth:`fit`.
-        network: a :class:`~numpyro_simformer.nn.NetworkConfig`.
+        network: a :class:`~numpyro_simformer.nn.NetworkConfig`. Its default depth
+            follows the model: 3 attention layers up to 8 tokens, 6 above
+            (:func:`~numpyro_simformer.nn.default_num_layers`).
         sde: the diffusion, :class:`~numpyro_simformer.diffusion.sde.VESDE` (default) or ``VPSDE``.
         training: a :class:`~numpyro_simformer.TrainingConfig`.
         sampler: the default sampler of :meth:`sample`.
