@@ -44,7 +44,8 @@ def default_num_layers(num_tokens: int) -> int:
     3 layers up to 8 tokens, 6 above. The evidence (``docs/benchmarks.md``, sbibm MLP or RF
     C2ST at 10,000 simulations): depth pays where a conditional needs structure spread over
     many tokens, and costs only time where it does not. SLCP (13 tokens) reached 0.616-0.631
-    with 6 layers against 0.738 with 3; the 10-step HMM's random conditionals (20 tokens)
+    with 6 layers against 0.738 with 3 (through sbibm-jax's simulator, 0.629 against 0.723);
+    sbibm's Bernoulli GLM (20 tokens) 0.647 against 0.690; the 10-step HMM's random conditionals (20 tokens)
     0.532-0.543 against 0.567, since with a graph attention mask each layer reaches one more
     link of the chain; the linear Gaussian (20 tokens) gave 0.504 against 0.503. On Two Moons
     and the Gaussian mixture (4 tokens) 6 layers changed nothing (0.533 against 0.531,
