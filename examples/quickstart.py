@@ -33,6 +33,7 @@ def main(tiny: bool = False) -> dict:
     start = time.perf_counter()
     sf.fit(jax.random.key(0))
     print(f"trained in {time.perf_counter() - start:.0f} s on {sf.simulation_info.num_valid} simulations")
+    print(sf)  # what the fit read from the model and trained
 
     x_o = np.array([1.0, -0.5, 0.3])
     posterior = sf.sample(jax.random.key(1), observed={"x": x_o}, num_samples=num_samples)

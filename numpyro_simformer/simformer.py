@@ -43,7 +43,7 @@ from numpyro_simformer.model.spec import ModelOptions, ModelSpec, read_model_spe
 from numpyro_simformer.nn import NetworkConfig
 from numpyro_simformer.samplers import EulerMaruyama, GuidedEulerMaruyama, ProbabilityFlowODE
 from numpyro_simformer.samplers.guidance import GaussianIntervalGuidance
-from numpyro_simformer.training.state import FittedState
+from numpyro_simformer.training.state import FittedState, describe_state
 from numpyro_simformer.tokens.transforms import DISCRETE_SITES, INTERVAL_SITES, IntervalReflect, warn_extrapolation
 from numpyro_simformer.training.fit import fit_state
 from numpyro_simformer.training.loop import TrainingConfig
@@ -204,6 +204,14 @@ class Simformer:
         self.progress_bar = progress_bar
         self.state: FittedState | None = None
         self._spaces: dict = {}
+
+    def __repr__(self) -> str:
+        """What the fit read and trained: sites, tokens, attention, network, simulations, training."""
+        name = getattr(self.model, "__name__", type(self.model).__name__)
+        head = f"Simformer(model={name}, num_simulations={self.num_simulations:,})"
+        if self.state is None:
+            return f"{head}: not fitted"
+        return "\n".join([f"{head}: fitted", *(f"  {key:<12} {text}" for key, text in describe_state(self.state))])
 
     # ------------------------------------------------------------------ options, read back
     @property

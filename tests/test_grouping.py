@@ -307,3 +307,12 @@ def test_the_loss_of_a_grouped_layout_counts_each_token_once(rng_key):
     observed_x = latent_everywhere.at[NUM_PARAMETERS:].set(True)  # observed elements add nothing
     loss = example_loss(jnp.asarray(error), jnp.zeros_like(error), observed_x, jnp.asarray(weights))
     np.testing.assert_allclose(float(loss), np.sum(error[:NUM_PARAMETERS] ** 2) / len(per_token), rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_repr_of_a_grouped_fit_counts_tokens_and_elements(grouped_gaussian):
+    grouping = grouped_gaussian.spec.grouping
+    text = repr(grouped_gaussian)
+    elements = NUM_PARAMETERS * (1 + CHILDREN)
+    assert f"tokens       {grouping.num_tokens} for {elements} elements (x 10 per token)" in text, text
+    assert f"{int(grouping.attention_mask.sum())} of {grouping.num_tokens ** 2} token pairs" in text, text

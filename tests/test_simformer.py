@@ -149,6 +149,19 @@ def test_fit_records_history_and_simulation_info(fitted):
     assert fitted.simulation_info.num_invalid == 0
 
 
+
+def test_repr_says_what_the_fit_read_and_trained(fitted):
+    assert repr(small_simformer()) == "Simformer(model=gaussian_model, num_simulations=4,000): not fitted"
+    text = repr(fitted)
+    history = fitted.history
+    num_params = sum(int(np.size(leaf)) for leaf in jax.tree_util.tree_leaves(fitted.params))
+    for line in ("theta (3,) real, parameter", "x (3,) real, data", "6, one element each",
+                 f"undirected: {int(fitted.attention_mask.sum())} of 36 token pairs may attend",
+                 f"2 layers, width 32, 2 heads, {num_params:,} parameters",
+                 "4,000 valid of 4,000 (0 with NaN or inf dropped)",
+                 f"{int(history.step[-1]):,} steps", f"at step {history.best_step:,}"):
+        assert line in text, (line, text)
+
 def bounded_model():
     theta = numpyro.sample("theta", dist.Uniform(0.0, 1.0).expand([2]).to_event(1))
     rate = numpyro.sample("rate", dist.HalfNormal(1.0))

@@ -48,7 +48,8 @@ class TrainingConfig:
             256)``, so a step costs about the same for 4 tokens as for 20: at a fixed time
             budget more steps beat bigger batches (measured in the design notes).
         tokens_per_batch: the token budget of one batch when ``batch_size`` is ``None``.
-        max_steps: upper bound on optimiser steps.
+        max_steps: upper bound on optimiser steps, rounded up to whole jitted calls (a multiple of
+            ``steps_per_call``).
         learning_rate: Adam's peak learning rate.
         warmup_steps: linear warm-up at the start (in steps, with or without ``max_time``).
         decay_fraction: the last fraction of ``max_steps`` (of the time budget with

@@ -15,6 +15,9 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
+import jax
+import numpy as np
+
 from numpyro_simformer.diffusion.score import build_score_fn
 from numpyro_simformer.model.simulate import SimulationInfo
 from numpyro_simformer.model.spec import ModelSpec
@@ -22,7 +25,7 @@ from numpyro_simformer.nn import NetworkConfig, SimformerNetwork, build_denoiser
 from numpyro_simformer.tokens.transforms import TokenTransform
 from numpyro_simformer.training.loop import TrainingHistory
 
-__all__ = ["FittedState", "network_config_for_spec", "network_for_spec", "spec_denoiser_fn"]
+__all__ = ["FittedState", "describe_state", "network_config_for_spec", "network_for_spec", "spec_denoiser_fn"]
 
 
 def network_config_for_spec(spec: ModelSpec, config: NetworkConfig) -> NetworkConfig:
@@ -89,3 +92,58 @@ class FittedState:
     def score_fn(self):
         """Pure ``score_fn(params, x_t, time, condition_mask) -> score`` in z-space."""
         return build_score_fn(self.denoiser_fn, self.sde)
+
+
+def describe_state(state: FittedState) -> list[tuple[str, str]]:
+    """``(label, text)`` lines that say what a fit read and trained (``repr`` of a fitted Simformer)."""
+    spec, history, info = state.spec, state.history, state.simulation_info
+    sites = [(f"{site.name} {site.shape} {_support_text(spec.supports.get(site.name, site.support))}, "
+              f"{'data' if site.name in spec.data_sites else 'parameter'}") for site in spec.layout.sites]
+    grouping = spec.grouping
+    num_elements = spec.layout.num_tokens
+    if grouping is None:
+        tokens = f"{num_elements:,}, one element each"
+        mask = spec.attention_mask
+    else:
+        grouped = ", ".join(f"{name} {k} per token" for name, k in grouping.elements_per_token.items() if k > 1)
+        tokens = f"{grouping.num_tokens:,} for {num_elements:,} elements ({grouped})"
+        mask = grouping.attention_mask
+    attention = spec.options.attention
+    attention = attention if isinstance(attention, str) else "user mask"
+    linked, pairs = int(np.asarray(mask).sum()), int(np.asarray(mask).size)
+    config = state.network
+    num_params = sum(int(np.size(leaf)) for leaf in jax.tree_util.tree_leaves(state.params))
+    lines = [
+        *(("sites" if index == 0 else "", site) for index, site in enumerate(sites)),
+        ("tokens", tokens),
+        ("attention", f"{attention}: {linked:,} of {pairs:,} token pairs may attend"),
+        ("network", f"{config.num_layers} layers, width {config.width}, {config.num_heads} heads, "
+                    f"{num_params:,} parameters"),
+        ("simulations", f"{info.num_valid:,} valid of {info.num_requested:,} ({info.num_invalid:,} with NaN or inf "
+                        f"dropped) in {state.simulation_time:.1f} s"),
+    ]
+    if len(history.step):
+        best = int(np.argmin(history.validation_loss))
+        stop = "stopped early (validation loss stalled)" if history.stopped_early else "not stopped early"
+        lines.append(("training", f"{int(history.step[-1]):,} steps in {state.training_time:.0f} s, {stop}; "
+                                  f"best validation loss {float(history.validation_loss[best]):.4g} "
+                                  f"at step {history.best_step:,}"))
+    else:
+        lines.append(("training", f"{state.training_time:.0f} s, no validation recorded"))
+    return lines
+
+
+def _support_text(support) -> str:
+    """A support as NumPyro names it: ``real``, ``positive``, ``interval(0, 1)``."""
+    from numpyro.distributions import constraints
+
+    while isinstance(support, constraints.independent):  # the event dims are in the shape
+        support = support.base_constraint
+    for name in constraints.__all__:
+        candidate = getattr(constraints, name, None)
+        if isinstance(candidate, constraints.Constraint) and candidate is support:
+            return name
+    lower, upper = getattr(support, "lower_bound", None), getattr(support, "upper_bound", None)
+    if lower is not None and upper is not None and np.size(lower) == 1 and np.size(upper) == 1:
+        return f"interval({float(lower):g}, {float(upper):g})"
+    return type(support).__name__.lstrip("_")
