@@ -42,6 +42,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
+CHECKPOINTS = RESULTS / "checkpoints"  # fitted networks, git-ignored
 TASKS = ["two_moons", "gaussian_linear", "gaussian_linear_uniform", "gaussian_mixture", "slcp", "slcp_distractors",
          "bernoulli_glm", "bernoulli_glm_raw", "sir", "lotka_volterra"]
 FIELDS = [
@@ -122,7 +123,17 @@ def _simformer(args, task, key_fit):
 
     from numpyro_simformer import Simformer
 
-    sf = Simformer(user_model(task), num_simulations=args.num_simulations, progress_bar=False).fit(key_fit)
+    # Each fit is saved (not committed) so that more observations of it can be scored later
+    # with --reuse-fits: same network, rows with the same code; a reused row's peak RSS then
+    # covers sampling and the C2ST only (its training time and steps are the checkpoint's).
+    path = CHECKPOINTS / f"{args.task}_{args.num_simulations}_seed{args.seed}_{args.code}"
+    clean = args.code is not None and not args.code.endswith("+dirty")
+    if args.reuse_fits and clean and path.exists():
+        sf = Simformer.load(path, user_model(task))
+    else:
+        sf = Simformer(user_model(task), num_simulations=args.num_simulations, progress_bar=False).fit(key_fit)
+        if clean:
+            sf.save(path, overwrite=True)
     grouping = sf.spec.grouping
     info = {"tokens": grouping.num_tokens if grouping is not None else len(sf.spec.layout.labels),
             "layers": sf.state.network.num_layers,
@@ -267,6 +278,8 @@ def main():
     parser.add_argument("--learning-rate", type=float, default=5e-4)
     parser.add_argument("--patience", type=int, default=20)
     parser.add_argument("--max-epochs", type=int, default=5000)
+    parser.add_argument("--reuse-fits", action="store_true",
+                        help="load a fit saved by an earlier run at the same commit instead of training again")
     parser.add_argument("--single", nargs=4, metavar=("TASK", "BUDGET", "METHOD", "SEED"), help=argparse.SUPPRESS)
     parser.add_argument("--code", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -280,16 +293,21 @@ def main():
     RESULTS.mkdir(parents=True, exist_ok=True)
     csv_path = RESULTS / f"{args.name}.csv"
     code = code_version()
-    done = {(r["task"], int(r["num_simulations"]), r["method"], int(r["seed"]), r["code"]) for r in _rows(csv_path)}
+    done = {}  # (task, budget, method, seed, code) -> observations scored
+    for r in _rows(csv_path):
+        key = (r["task"], int(r["num_simulations"]), r["method"], int(r["seed"]), r["code"])
+        done.setdefault(key, set()).add(int(r["query"].split()[-1]))
     runs = [(t, b, m, s) for t in args.tasks for b in args.budgets for m in args.methods for s in args.seeds]
     for number, (task, budget, method, seed) in enumerate(runs, 1):
-        if (task, budget, method, seed, code) in done:
+        missing = [n for n in args.observations if n not in done.get((task, budget, method, seed, code), set())]
+        if not missing:
             print(f"[{number}/{len(runs)}] {task} {budget} {method} seed {seed}: done already at {code}")
             continue
-        print(f"[{number}/{len(runs)}] {task} {budget} {method} seed {seed} ...", flush=True)
+        print(f"[{number}/{len(runs)}] {task} {budget} {method} seed {seed}, observations {missing} ...", flush=True)
         start = time.perf_counter()
-        result = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--code", code,
-                                 "--single", task, str(budget), method, str(seed)], capture_output=True, text=True)
+        result = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--code", code, "--observations",
+                                 *map(str, missing), "--single", task, str(budget), method, str(seed)],
+                                capture_output=True, text=True)
         if result.returncode:
             print(result.stderr[-3000:])
             raise SystemExit(f"run {task} {budget} {method} {seed} failed")
