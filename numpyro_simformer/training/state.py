@@ -117,7 +117,7 @@ def describe_state(state: FittedState) -> list[tuple[str, str]]:
         *(("sites" if index == 0 else "", site) for index, site in enumerate(sites)),
         ("tokens", tokens),
         ("attention", f"{attention}: {linked:,} of {pairs:,} token pairs may attend"),
-        ("network", f"{config.num_layers} layers, width {config.width}, {config.num_heads} heads, "
+        ("network", f"{_count(config.num_layers, 'layer')}, width {config.width}, {_count(config.num_heads, 'head')}, "
                     f"{num_params:,} parameters"),
         ("simulations", f"{info.num_valid:,} valid of {info.num_requested:,} ({info.num_invalid:,} with NaN or inf "
                         f"dropped) in {state.simulation_time:.1f} s"),
@@ -147,3 +147,7 @@ def _support_text(support) -> str:
     if lower is not None and upper is not None and np.size(lower) == 1 and np.size(upper) == 1:
         return f"interval({float(lower):g}, {float(upper):g})"
     return type(support).__name__.lstrip("_")
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}" + ("" if number == 1 else "s")
