@@ -159,7 +159,7 @@ def test_repr_says_what_the_fit_read_and_trained(fitted):
                  f"undirected: {int(fitted.attention_mask.sum())} of 36 token pairs may attend",
                  f"2 layers, width 32, 2 heads, {num_params:,} parameters",
                  "4,000 valid of 4,000 (0 with NaN or inf dropped)",
-                 f"{int(history.step[-1]):,} steps", f"at step {history.best_step:,}"):
+                 f"{int(history.step[-1]):,} steps", f"weights from step {history.best_step:,} (validation loss"):
         assert line in text, (line, text)
 
 def bounded_model():

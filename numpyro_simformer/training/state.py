@@ -123,11 +123,12 @@ def describe_state(state: FittedState) -> list[tuple[str, str]]:
                         f"dropped) in {state.simulation_time:.1f} s"),
     ]
     if len(history.step):
-        best = int(np.argmin(history.validation_loss))
+        at = np.flatnonzero(np.asarray(history.step) == history.best_step)  # the weights kept
+        best = int(at[0]) if at.size else int(np.argmin(history.validation_loss))
         stop = "stopped early (validation loss stalled)" if history.stopped_early else "not stopped early"
         lines.append(("training", f"{int(history.step[-1]):,} steps in {state.training_time:.0f} s, {stop}; "
-                                  f"best validation loss {float(history.validation_loss[best]):.4g} "
-                                  f"at step {history.best_step:,}"))
+                                  f"weights from step {int(history.step[best]):,} "
+                                  f"(validation loss {float(history.validation_loss[best]):.4g})"))
     else:
         lines.append(("training", f"{state.training_time:.0f} s, no validation recorded"))
     return lines
