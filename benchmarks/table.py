@@ -52,6 +52,11 @@ def load_rows(results_dir: Path) -> list[dict]:
                 settings = row.get("settings") or ""
                 if settings and not settings.startswith("defaults"):  # a run that changed the defaults says how
                     row["label"] += f" ({settings})"
+                # A file that records the commit each row ran (sbibm_suite.py) holds rows of different
+                # defaults (the depth rule changed them): never average rows of different code or depth.
+                if row.get("code"):
+                    depth = f"{row['layers']} layers, " if row.get("layers") else ""
+                    row["label"] += f" ({depth}code {row['code']})"
                 row["kind"] = query_kind(row.get("query", ""))
                 row["num_simulations"] = int(row["num_simulations"])
                 rows.append(row)
@@ -119,8 +124,8 @@ def _same_queries(npe_rows: list[dict], group: list[dict]) -> list[dict]:
 def build_table(rows: list[dict], paper: dict) -> str:
     grouped = groups(rows)
     npe = {}
-    for (kind, task, budget, label, _source), group in grouped.items():
-        if label == "npe":
+    for (kind, task, budget, _label, _source), group in grouped.items():
+        if group[0]["method"] == "npe":
             npe.setdefault((kind, task, budget), []).extend(group)
     lines = [
         "| queries | task | simulations | method | C2ST MLP (sbibm) | MLP early-stopped | C2ST RF | "
@@ -137,7 +142,7 @@ def build_table(rows: list[dict], paper: dict) -> str:
             other = "dense" if attention == "undirected" else "undirected"
             other_rf = paper_value(paper, kind, task, other, budget)
             paper_rf = f"{_fmt(other_rf)} ({other})" if other_rf is not None else ""
-        npe_group = _same_queries(npe.get((kind, task, budget), []), group) if label != "npe" else []
+        npe_group = _same_queries(npe.get((kind, task, budget), []), group) if group[0]["method"] != "npe" else []
         lines.append(
             f"| {kind} | {task} | {budget:,} | {label} | {_fmt(mean(group, 'c2st_mlp'))} | {_early(group)} | "
             f"{_fmt(mean(group, 'c2st_rf'))} | {paper_rf} | {_fmt(mean(npe_group, 'c2st_rf'))} | "

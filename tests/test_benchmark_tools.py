@@ -142,6 +142,28 @@ def test_runner_settings_and_appending_to_an_older_csv(tmp_path):
     assert labels["2"] == "simformer 2 (2)" and labels[""] == "simformer 1"
 
 
+def test_table_keeps_rows_of_different_code_and_depth_apart(tmp_path):
+    # sbibm_suite.py's rows name the commit and depth they ran: the table must not average them.
+    suite = _load("sbibm_suite")
+    base = {f: "" for f in suite.FIELDS} | {"task": "sir", "num_simulations": 10000, "method": "simformer",
+                                            "seed": 0, "c2st_mlp": 0.6, "num_c2st_samples": 10000,
+                                            "training_s": 1, "steps": 1, "sampling_s": 1, "peak_rss_mib": 1}
+    _write(tmp_path / "suite.csv", suite.FIELDS, [
+        base | {"query": "observation 1", "layers": 3, "code": "aaa", "c2st_mlp": 0.60},
+        base | {"query": "observation 1", "layers": 6, "code": "bbb", "c2st_mlp": 0.58},
+        base | {"query": "observation 2", "layers": 6, "code": "bbb", "c2st_mlp": 0.56},
+        base | {"query": "observation 1", "method": "npe", "code": "aaa", "c2st_mlp": 0.65},
+    ])
+    table = _load("table")
+    labels = [r["label"] for r in table.load_rows(tmp_path)]
+    assert labels == ["simformer (3 layers, code aaa)", "simformer (6 layers, code bbb)",
+                      "simformer (6 layers, code bbb)", "npe (code aaa)"]
+    text = table.write_table(tmp_path, tmp_path / "table.md").read_text()
+    # each Simformer row with its own mean, and NPE's C2ST on the same observation beside it
+    assert "| simformer (3 layers, code aaa) | 0.600 | no |  |  |  | 0.650 | 1 |" in text
+    assert "| simformer (6 layers, code bbb) | 0.570 | no |  |  |  | 0.650 | 2 |" in text
+
+
 def test_runner_markdown_gives_posterior_and_random_rows_of_one_task_their_own_paper_numbers(tmp_path):
     run = _load("run")
     path = tmp_path / "mixed.csv"
