@@ -1,11 +1,26 @@
 """Shared fixtures: every test gets its own key; nothing seeds globally."""
 
+import atexit
 import os
+import shutil
+import tempfile
 import zlib
 
 # Two test processes share the machine (pytest-xdist, pyproject's addopts): on a GPU neither
 # may take 75 % of its memory up front.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+# Many tests compile the same small programs: each Simformer traces its own functions, so
+# JAX's in-memory cache cannot share them, but XLA's persistent cache (keyed on the program
+# itself) can. One cache per test process (its writes are not atomic), removed at exit;
+# subprocesses started by tests inherit it. A second tiny fit in one process: 5.7 s to 1.2 s.
+# Tracing still runs, so jax.log_compiles still reports every retrace (test_compile_cache.py).
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _cache = tempfile.mkdtemp(prefix="numpyro-simformer-tests-xla-")
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
 import jax  # noqa: E402 - after the environment it reads
 import pytest
