@@ -30,3 +30,15 @@ import pytest
 def rng_key(request):
     """A key derived from the test's name, so tests are independent and reproducible."""
     return jax.random.key(zlib.crc32(request.node.nodeid.encode()))
+
+
+def pytest_collection_modifyitems(items):
+    """Files with the most ``slow`` tests first, tests inside a file in their own order.
+
+    The test processes take whole files (``--dist loadfile``); a file of minutes collected
+    last, as alphabetical order would, runs alone while the other process idles.
+    """
+    slow = {}
+    for item in items:
+        slow[item.path] = slow.get(item.path, 0) + (item.get_closest_marker("slow") is not None)
+    items.sort(key=lambda item: -slow[item.path])  # stable: ties keep the collection order

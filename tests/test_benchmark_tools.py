@@ -216,6 +216,7 @@ def test_runner_tells_runs_apart_by_their_settings(tmp_path):
     assert any("| 0.800 |" in line and line.endswith("| defaults |") for line in lines)
 
 
+@pytest.mark.slow
 def test_bounded_sites_benchmark_runs_on_tiny_settings():
     """The script behind docs/bounded-sites.md runs end to end (tiny settings, nothing written)."""
     import subprocess

@@ -32,6 +32,7 @@ def test_diagnostics_runs(capsys, tmp_path):
     assert "identical samples: True" in out and "MCMCCheck: C2ST" in out
 
 
+@pytest.mark.slow
 def test_multihost_runs_on_two_forced_devices():
     import os
     import subprocess
@@ -44,6 +45,7 @@ def test_multihost_runs_on_two_forced_devices():
     assert "2 devices on 1 processes" in result.stdout
 
 
+@pytest.mark.slow
 def test_lotka_volterra_runs(tmp_path):
     results = load("lotka_volterra").main(tiny=True, output=str(tmp_path))
     assert results["figure"].exists()
@@ -59,6 +61,7 @@ def test_lotka_volterra_runs(tmp_path):
                                    u.values[0, 0, :num_observed])  # observed elements returned as given
 
 
+@pytest.mark.slow
 def test_hodgkin_huxley_runs(tmp_path, capsys):
     results = load("hodgkin_huxley").main(tiny=True, output=str(tmp_path))
     assert results["posterior"].posterior["theta"].shape == (1, 100, 7)
@@ -78,6 +81,7 @@ def test_hodgkin_huxley_runs(tmp_path, capsys):
     assert "energy inside the bound" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_sird_runs(tmp_path):
     results = load("sird").main(tiny=True, output=str(tmp_path))
     tree, t_query = results["posterior"], np.linspace(0.0, 50.0, 100)

@@ -12,6 +12,7 @@ import pytest
 import golden
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(golden.CASES))
 def test_fixed_key_answers_are_unchanged(case):
     recorded = np.load(golden.DATA / f"golden_{case}.npz")

@@ -72,6 +72,7 @@ def regression_posterior(t, x):
     return covariance @ design.T @ x / NOISE**2, covariance
 
 
+@pytest.mark.slow
 def test_time_series_query_at_unseen_times_matches_exact_posterior(line):
     t_obs = np.array([0.13, 0.52, 0.91])  # none on the training grid
     x_obs = np.array([0.4, 1.2, 2.1])
@@ -89,6 +90,7 @@ def test_time_series_query_at_unseen_times_matches_exact_posterior(line):
     assert c2st(exact, theta, early_stopping=True) < 0.6
 
 
+@pytest.mark.slow
 def test_time_series_predicts_at_many_new_times_with_coordinates(line):
     t_obs, x_obs = np.array([0.2, 0.7]), np.array([0.3, 1.1])
     t_new = np.linspace(0.0, 1.0, 21)  # more than the 8 positions per example of training: a split query
@@ -111,6 +113,7 @@ def test_time_series_predicts_at_many_new_times_with_coordinates(line):
     np.testing.assert_array_less(np.abs(predicted.std(0) / exact_std - 1), 0.2)
 
 
+@pytest.mark.slow
 def test_exchangeable_plate_at_a_size_never_simulated(trials):
     n = 6
     x_obs = np.array([0.8, 1.9, 0.2, 1.4, 0.5, 1.1])
@@ -122,6 +125,7 @@ def test_exchangeable_plate_at_a_size_never_simulated(trials):
     assert c2st(exact[:, None], theta[:, None], early_stopping=True) < 0.6
 
 
+@pytest.mark.slow
 def test_batched_and_default_queries_still_work_with_variable_dims(trials):
     tree = trials.sample(jax.random.key(4), observed={"x": np.zeros((2, 10))}, num_samples=100)
     assert tree.posterior["theta"].dims == ("chain", "draw", "observation")
@@ -206,6 +210,7 @@ def test_model_kwargs_need_variable_dims():
         sf.sample(jax.random.key(1), num_samples=2, model_kwargs={"n": 3})
 
 
+@pytest.mark.slow
 def test_query_that_changes_a_fixed_axis_is_an_error(line):
     def wider(t):
         theta = numpyro.sample("theta", dist.Normal(0.0, 1.0).expand([3]).to_event(1))
