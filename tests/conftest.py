@@ -1,6 +1,7 @@
 """Shared fixtures: every test gets its own key; nothing seeds globally."""
 
 import atexit
+import collections
 import os
 import shutil
 import tempfile
@@ -38,7 +39,5 @@ def pytest_collection_modifyitems(items):
     The test processes take whole files (``--dist loadfile``); a file of minutes collected
     last, as alphabetical order would, runs alone while the other process idles.
     """
-    slow = {}
-    for item in items:
-        slow[item.path] = slow.get(item.path, 0) + (item.get_closest_marker("slow") is not None)
+    slow = collections.Counter(item.path for item in items if item.get_closest_marker("slow"))
     items.sort(key=lambda item: -slow[item.path])  # stable: ties keep the collection order
