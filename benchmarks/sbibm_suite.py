@@ -20,7 +20,10 @@ NPE
 observations. Each (task, budget, method, seed) runs in a fresh subprocess (its peak
 memory is its own); rows are appended to ``benchmarks/results/<name>.csv`` as they finish,
 an interrupted run resumes, and a markdown table is written beside it with the published
-numbers (the paper's Simformer, GenSBI's Flux1Joint at 10^4).
+numbers (the paper's Simformer, GenSBI's Flux1Joint at 10^4). Each Simformer fit is saved
+(git-ignored, under ``results/checkpoints/``); ``--reuse-fits`` scores more observations of
+it at the same commit, and ``--fits-from COMMIT`` adds rows to an older commit's, with its
+fits, when the library and NPE are unchanged since (docs-only commits in between).
 
     python benchmarks/sbibm_suite.py --tasks slcp_distractors two_moons --budgets 10000 \\
         --methods simformer npe --observations 1 2 3
@@ -65,11 +68,40 @@ def machine() -> str:
     return f"{platform.machine()}, {os.cpu_count()} cores"
 
 
+# What a row runs: the library (fit, sampling, C2ST) and NPE's flow. The rest of this
+# script only loops and writes; a change there does not change a row's numbers.
+ROW_CODE = ("numpyro_simformer", "benchmarks/npe.py")
+
+
+def _git(repository: Path, *arguments: str) -> str:
+    """git's output, run at the top of ``repository`` (so paths are the repository's)."""
+    def run(*command: str, cwd: Path) -> str:
+        return subprocess.run(["git", *command], capture_output=True, text=True, cwd=cwd).stdout.strip()
+
+    return run(*arguments, cwd=Path(run("rev-parse", "--show-toplevel", cwd=repository) or repository))
+
+
 def code_version() -> str:
-    result = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE)
-    dirty = subprocess.run(["git", "status", "--porcelain", "--", "numpyro_simformer"], capture_output=True,
-                           text=True, cwd=HERE).stdout.strip()
-    return result.stdout.strip() + ("+dirty" if dirty else "")
+    dirty = _git(HERE, "status", "--porcelain", "--", *ROW_CODE)
+    return _git(HERE, "rev-parse", "--short", "HEAD") + ("+dirty" if dirty else "")
+
+
+def same_code_as(commit: str, repository: Path = HERE) -> str:
+    """``commit``'s short hash, if the code a row runs (:data:`ROW_CODE`) is the same now as there.
+
+    Lets ``--fits-from`` add observations to rows made at an older commit, with the fits it
+    saved, after commits that changed only docs, tests or results. Raises ``SystemExit``
+    naming the changed files otherwise.
+    """
+    short = _git(repository, "rev-parse", "--short", "--verify", "--quiet", f"{commit}^{{commit}}")
+    if not short:
+        raise SystemExit(f"--fits-from {commit}: not a commit of this repository.")
+    changed = _git(repository, "diff", "--name-only", short, "--", *ROW_CODE).split()
+    changed += _git(repository, "ls-files", "--others", "--exclude-standard", "--", *ROW_CODE).split()
+    if changed:
+        raise SystemExit(f"--fits-from {commit}: the code a row runs has changed since ({', '.join(changed[:5])}), "
+                         "so rows labelled with it would misstate what ran. Run without --fits-from.")
+    return short
 
 
 def user_model(task, declare_support: bool = True):
@@ -280,9 +312,13 @@ def main():
     parser.add_argument("--max-epochs", type=int, default=5000)
     parser.add_argument("--reuse-fits", action="store_true",
                         help="load a fit saved by an earlier run at the same commit instead of training again")
+    parser.add_argument("--fits-from", metavar="COMMIT",
+                        help="add rows to COMMIT's: label them with it and load the fits it saved (implies "
+                             "--reuse-fits); refused unless the library and benchmarks/npe.py are unchanged since")
     parser.add_argument("--single", nargs=4, metavar=("TASK", "BUDGET", "METHOD", "SEED"), help=argparse.SUPPRESS)
     parser.add_argument("--code", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    args.reuse_fits = args.reuse_fits or args.fits_from is not None
 
     if args.single:
         args.task, budget, args.method, seed = args.single
@@ -292,7 +328,7 @@ def main():
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     csv_path = RESULTS / f"{args.name}.csv"
-    code = code_version()
+    code = code_version() if args.fits_from is None else same_code_as(args.fits_from)
     done = {}  # (task, budget, method, seed, code) -> observations scored
     for r in _rows(csv_path):
         key = (r["task"], int(r["num_simulations"]), r["method"], int(r["seed"]), r["code"])

@@ -2,6 +2,7 @@
 
 import csv
 import importlib.util
+import subprocess
 import sys
 from pathlib import Path
 
@@ -162,6 +163,38 @@ def test_table_keeps_rows_of_different_code_and_depth_apart(tmp_path):
     # each Simformer row with its own mean, and NPE's C2ST on the same observation beside it
     assert "| simformer (3 layers, code aaa) | 0.600 | no |  |  |  | 0.650 | 1 |" in text
     assert "| simformer (6 layers, code bbb) | 0.570 | no |  |  |  | 0.650 | 2 |" in text
+
+
+def test_fits_from_an_older_commit_only_while_the_code_a_row_runs_is_unchanged(tmp_path):
+    suite = _load("sbibm_suite")
+
+    def git(*arguments):
+        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *arguments], cwd=tmp_path,
+                              check=True, capture_output=True, text=True).stdout.strip()
+
+    (tmp_path / "numpyro_simformer").mkdir()
+    (tmp_path / "benchmarks").mkdir()
+    (tmp_path / "numpyro_simformer" / "fit.py").write_text("steps = 1\n")
+    (tmp_path / "benchmarks" / "npe.py").write_text("flow = 1\n")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-qm", "fits")
+    fits = git("rev-parse", "--short", "HEAD")
+    (tmp_path / "README.md").write_text("docs\n")
+    git("add", ".")
+    git("commit", "-qm", "docs only")
+    here = tmp_path / "benchmarks"  # where the script runs: paths must still be the repository's
+    assert suite.same_code_as(fits, here) == fits
+    with pytest.raises(SystemExit, match="not a commit"):
+        suite.same_code_as("0123abc", here)
+    (tmp_path / "numpyro_simformer" / "new.py").write_text("")  # untracked library code counts
+    with pytest.raises(SystemExit, match="new.py"):
+        suite.same_code_as(fits, here)
+    (tmp_path / "numpyro_simformer" / "new.py").unlink()
+    (tmp_path / "benchmarks" / "npe.py").write_text("flow = 2\n")
+    git("commit", "-qam", "npe changed")
+    with pytest.raises(SystemExit, match="benchmarks/npe.py"):
+        suite.same_code_as(fits, here)
 
 
 def test_runner_markdown_gives_posterior_and_random_rows_of_one_task_their_own_paper_numbers(tmp_path):
