@@ -23,7 +23,7 @@ an interrupted run resumes, and a markdown table is written beside it with the p
 numbers (the paper's Simformer, GenSBI's Flux1Joint at 10^4). Each Simformer fit is saved
 (git-ignored, under ``results/checkpoints/``); ``--reuse-fits`` scores more observations of
 it at the same commit, and ``--fits-from COMMIT`` adds rows to an older commit's, with its
-fits, when the library and NPE are unchanged since (docs-only commits in between).
+fits, when the code a row runs is unchanged since (``same_code_as``).
 
     python benchmarks/sbibm_suite.py --tasks slcp_distractors two_moons --budgets 10000 \\
         --methods simformer npe --observations 1 2 3
@@ -34,6 +34,7 @@ Not a test: hours on 2 cores for the whole suite. Needs the ``benchmarks`` extra
 from __future__ import annotations
 
 import argparse
+import ast
 import csv
 import json
 import platform
@@ -68,9 +69,10 @@ def machine() -> str:
     return f"{platform.machine()}, {os.cpu_count()} cores"
 
 
-# What a row runs: the library (fit, sampling, C2ST) and NPE's flow. The rest of this
-# script only loops and writes; a change there does not change a row's numbers.
+# What a row runs: the library (fit, sampling, C2ST), NPE's flow, and the parts of this
+# script that wrap a task, fit and score (the rest only loops over runs and writes files).
 ROW_CODE = ("numpyro_simformer", "benchmarks/npe.py")
+ROW_PARTS = ("RAISING", "BINARY", "user_model", "nan_where_raising", "_simformer", "_npe", "single_run")
 
 
 def _git(repository: Path, *arguments: str) -> str:
@@ -86,8 +88,19 @@ def code_version() -> str:
     return _git(HERE, "rev-parse", "--short", "HEAD") + ("+dirty" if dirty else "")
 
 
+def _row_parts(source: str) -> dict[str, str]:
+    """The source of this script's :data:`ROW_PARTS` (functions and constants), by name."""
+    parts = {}
+    for node in ast.parse(source).body:
+        names = [node.name] if isinstance(node, ast.FunctionDef) else \
+            [target.id for target in getattr(node, "targets", []) if isinstance(target, ast.Name)]
+        parts.update({name: ast.get_source_segment(source, node) for name in names if name in ROW_PARTS})
+    return parts
+
+
 def same_code_as(commit: str, repository: Path = HERE) -> str:
-    """``commit``'s short hash, if the code a row runs (:data:`ROW_CODE`) is the same now as there.
+    """``commit``'s short hash, if the code a row runs is the same now as there: the files of
+    :data:`ROW_CODE` and this script's :data:`ROW_PARTS`.
 
     Lets ``--fits-from`` add observations to rows made at an older commit, with the fits it
     saved, after commits that changed only docs, tests or results. Raises ``SystemExit``
@@ -98,6 +111,9 @@ def same_code_as(commit: str, repository: Path = HERE) -> str:
         raise SystemExit(f"--fits-from {commit}: not a commit of this repository.")
     changed = _git(repository, "diff", "--name-only", short, "--", *ROW_CODE).split()
     changed += _git(repository, "ls-files", "--others", "--exclude-standard", "--", *ROW_CODE).split()
+    script = Path(_git(repository, "rev-parse", "--show-toplevel")) / "benchmarks" / "sbibm_suite.py"
+    then, now = _row_parts(_git(repository, "show", f"{short}:benchmarks/sbibm_suite.py")), _row_parts(script.read_text())
+    changed += [f"sbibm_suite.py:{name}" for name in ROW_PARTS if then.get(name) != now.get(name)]
     if changed:
         raise SystemExit(f"--fits-from {commit}: the code a row runs has changed since ({', '.join(changed[:5])}), "
                          "so rows labelled with it would misstate what ran. Run without --fits-from.")
@@ -314,7 +330,7 @@ def main():
                         help="load a fit saved by an earlier run at the same commit instead of training again")
     parser.add_argument("--fits-from", metavar="COMMIT",
                         help="add rows to COMMIT's: label them with it and load the fits it saved (implies "
-                             "--reuse-fits); refused unless the library and benchmarks/npe.py are unchanged since")
+                             "--reuse-fits); refused unless the code a row runs is unchanged since")
     parser.add_argument("--single", nargs=4, metavar=("TASK", "BUDGET", "METHOD", "SEED"), help=argparse.SUPPRESS)
     parser.add_argument("--code", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -176,6 +176,8 @@ def test_fits_from_an_older_commit_only_while_the_code_a_row_runs_is_unchanged(t
     (tmp_path / "benchmarks").mkdir()
     (tmp_path / "numpyro_simformer" / "fit.py").write_text("steps = 1\n")
     (tmp_path / "benchmarks" / "npe.py").write_text("flow = 1\n")
+    script = tmp_path / "benchmarks" / "sbibm_suite.py"
+    script.write_text("BINARY = {'a'}\n\n\ndef _npe():\n    return 1\n\n\ndef main():\n    pass\n")
     git("init", "-q")
     git("add", ".")
     git("commit", "-qm", "fits")
@@ -191,6 +193,15 @@ def test_fits_from_an_older_commit_only_while_the_code_a_row_runs_is_unchanged(t
     with pytest.raises(SystemExit, match="new.py"):
         suite.same_code_as(fits, here)
     (tmp_path / "numpyro_simformer" / "new.py").unlink()
+    script.write_text(script.read_text().replace("    pass", "    print()"))  # the loop may change
+    assert suite.same_code_as(fits, here) == fits
+    script.write_text(script.read_text().replace("return 1", "return 2"))  # how NPE is fitted may not
+    with pytest.raises(SystemExit, match="sbibm_suite.py:_npe"):
+        suite.same_code_as(fits, here)
+    script.write_text(script.read_text().replace("return 2", "return 1").replace("{'a'}", "{'b'}"))
+    with pytest.raises(SystemExit, match="sbibm_suite.py:BINARY"):
+        suite.same_code_as(fits, here)
+    script.write_text(script.read_text().replace("{'b'}", "{'a'}"))
     (tmp_path / "benchmarks" / "npe.py").write_text("flow = 2\n")
     git("commit", "-qam", "npe changed")
     with pytest.raises(SystemExit, match="benchmarks/npe.py"):
