@@ -83,9 +83,10 @@ def _git(repository: Path, *arguments: str) -> str:
     return run(*arguments, cwd=Path(run("rev-parse", "--show-toplevel", cwd=repository) or repository))
 
 
-def code_version() -> str:
-    dirty = _git(HERE, "status", "--porcelain", "--", *ROW_CODE)
-    return _git(HERE, "rev-parse", "--short", "HEAD") + ("+dirty" if dirty else "")
+def code_version(repository: Path = HERE) -> str:
+    """The commit a row runs, ``+dirty`` when the code a row runs differs from it (:func:`_changed_since`)."""
+    head = _git(repository, "rev-parse", "--short", "HEAD")
+    return head + ("+dirty" if _changed_since(head, repository) else "")
 
 
 def _row_parts(source: str) -> dict[str, str]:
@@ -96,6 +97,16 @@ def _row_parts(source: str) -> dict[str, str]:
             [target.id for target in getattr(node, "targets", []) if isinstance(target, ast.Name)]
         parts.update({name: ast.get_source_segment(source, node) for name in names if name in ROW_PARTS})
     return parts
+
+
+def _changed_since(commit: str, repository: Path) -> list[str]:
+    """What of the code a row runs differs in the working tree from ``commit``: files of
+    :data:`ROW_CODE` (modified or untracked) and this script's :data:`ROW_PARTS`."""
+    changed = _git(repository, "diff", "--name-only", commit, "--", *ROW_CODE).split()
+    changed += _git(repository, "ls-files", "--others", "--exclude-standard", "--", *ROW_CODE).split()
+    script = Path(_git(repository, "rev-parse", "--show-toplevel")) / "benchmarks" / "sbibm_suite.py"
+    then, now = _row_parts(_git(repository, "show", f"{commit}:benchmarks/sbibm_suite.py")), _row_parts(script.read_text())
+    return changed + [f"sbibm_suite.py:{name}" for name in ROW_PARTS if then.get(name) != now.get(name)]
 
 
 def same_code_as(commit: str, repository: Path = HERE) -> str:
@@ -109,11 +120,7 @@ def same_code_as(commit: str, repository: Path = HERE) -> str:
     short = _git(repository, "rev-parse", "--short", "--verify", "--quiet", f"{commit}^{{commit}}")
     if not short:
         raise SystemExit(f"--fits-from {commit}: not a commit of this repository.")
-    changed = _git(repository, "diff", "--name-only", short, "--", *ROW_CODE).split()
-    changed += _git(repository, "ls-files", "--others", "--exclude-standard", "--", *ROW_CODE).split()
-    script = Path(_git(repository, "rev-parse", "--show-toplevel")) / "benchmarks" / "sbibm_suite.py"
-    then, now = _row_parts(_git(repository, "show", f"{short}:benchmarks/sbibm_suite.py")), _row_parts(script.read_text())
-    changed += [f"sbibm_suite.py:{name}" for name in ROW_PARTS if then.get(name) != now.get(name)]
+    changed = _changed_since(short, repository)
     if changed:
         raise SystemExit(f"--fits-from {commit}: the code a row runs has changed since ({', '.join(changed[:5])}), "
                          "so rows labelled with it would misstate what ran. Run without --fits-from.")

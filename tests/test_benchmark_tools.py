@@ -195,9 +195,12 @@ def test_fits_from_an_older_commit_only_while_the_code_a_row_runs_is_unchanged(t
     (tmp_path / "numpyro_simformer" / "new.py").unlink()
     script.write_text(script.read_text().replace("    pass", "    print()"))  # the loop may change
     assert suite.same_code_as(fits, here) == fits
+    head = git("rev-parse", "--short", "HEAD")
+    assert suite.code_version(here) == head  # the same rule labels a run's rows
     script.write_text(script.read_text().replace("return 1", "return 2"))  # how NPE is fitted may not
     with pytest.raises(SystemExit, match="sbibm_suite.py:_npe"):
         suite.same_code_as(fits, here)
+    assert suite.code_version(here) == head + "+dirty"
     script.write_text(script.read_text().replace("return 2", "return 1").replace("{'a'}", "{'b'}"))
     with pytest.raises(SystemExit, match="sbibm_suite.py:BINARY"):
         suite.same_code_as(fits, here)
