@@ -145,6 +145,42 @@ def test_distractors_linked_among_themselves_do_not_share_tokens_with_the_signal
     np.testing.assert_array_equal(grouping.attention_mask[0], [True, False, False, True])
 
 
+# Four pairs (a_i, b_i) that share noise, as SLCP's coordinates do: a_i = theta0 + z_i reads
+# theta0, b_i = theta0 * theta1 + z_i + w_i reads both. The simulator returns them in a
+# scrambled order (as slcp_distractors does), with b_2 before its partner a_2.
+PAIR_ORDER = np.array(["b2", "a0", "a1", "b0", "a3", "b3", "a2", "b1"])
+
+
+def scrambled_pairs(rng_key, theta):
+    z, w = jax.random.normal(rng_key, (2, 4))
+    a = theta[0] + z
+    b = theta[0] * theta[1] + z + w
+    outputs = {f"a{i}": a[i] for i in range(4)} | {f"b{i}": b[i] for i in range(4)}
+    return jnp.stack([outputs[name] for name in PAIR_ORDER])
+
+
+def test_outputs_that_share_noise_take_parents_and_slots_by_role_not_by_position(rng_key):
+    """Wherever the simulator puts a pair, the output with fewer parents (a) comes first in
+    the marginalisation, so every a reads theta0 alone and every b reads both and its a. The
+    tokens of four are then the a's and the b's, with each pair at the same slot of both."""
+    from numpyro_simformer import Simulator
+
+    def model():
+        theta = numpyro.sample("theta", dist.Normal(1, 1).expand([2]).to_event(1))
+        numpyro.sample("x", Simulator(scrambled_pairs, theta))
+
+    spec = Simformer(model, elements_per_token={"x": 4}, **TINY).read_model(rng_key)
+    x_start = spec.layout.slices()["x"].start
+    parents = np.asarray(spec.parents)
+    for position, name in enumerate(PAIR_ORDER):
+        found = {f"theta{j}" for j in np.flatnonzero(parents[x_start + position, :x_start])}
+        found |= set(PAIR_ORDER[np.flatnonzero(parents[x_start + position, x_start:])])
+        assert found == ({"theta0"} if name[0] == "a" else {"theta0", "theta1", "a" + name[1]}), name
+    tokens = [PAIR_ORDER[row[row >= 0] - x_start] for row in spec.grouping.members if row[0] >= x_start]
+    assert sorted({name[0] for name in token}.pop() for token in tokens) == ["a", "b"]  # one role per token
+    assert [name[1] for name in tokens[0]] == [name[1] for name in tokens[1]]  # partners share a slot
+
+
 # --- the network over grouped tokens -------------------------------------------------------
 
 

@@ -396,14 +396,21 @@ def _simulator_edges(
 def _share_noise(graph: np.ndarray, members: np.ndarray) -> None:
     """Marginalise a hidden noise shared by ``members`` (arc reversal, as in :func:`_marginalise`).
 
-    Each member, in order, gains every earlier member and their parents. Members with no
-    parent outside the group go first, so a noise-only output (a distractor) keeps no
-    parameter among its parents; the informative members then inherit the distractors.
+    Each member, in order, gains every earlier member and their parents. Members go in
+    the order of how many parents they have outside the group, fewest first, then of those
+    parents, then of position. So a noise-only output (a distractor) keeps no parameter
+    among its parents and the informative members inherit the distractors; the graph stays
+    as sparse as the order allows; and the order follows what each output depends on, not
+    where the simulator put it: two outputs with the same role (the first coordinates of
+    SLCP's pairs) get the same parents wherever they sit, and grouping can keep them in one
+    token (:func:`~numpyro_simformer.tokens.grouping.group_tokens`).
     """
     outside = graph[members].copy()
     outside[:, members] = False
+    order = sorted(range(len(members)), key=lambda index: (
+        int(outside[index].sum()), tuple(np.flatnonzero(outside[index])), int(members[index])))
     running = np.zeros(len(graph), dtype=bool)
-    for member in members[np.lexsort((members, outside.any(axis=1)))]:
+    for member in members[order]:
         graph[member] |= running
         running |= graph[member]
         running[member] = True

@@ -143,18 +143,28 @@ def group_tokens(layout: TokenLayout, parents: np.ndarray | None, attention_mask
 
 
 def _order_by_parents(rows: np.ndarray, site: slice) -> np.ndarray:
-    """A stable order of a site's elements that puts elements with the same parents together.
+    """A stable order of a site's elements that puts elements with the same parents together
+    and partners at the same place in their tokens.
 
-    Elements are sorted by the tuple of their parents outside the site, then by the tuple
-    of all their parents: equal tuples keep C order, and element-wise links (element i on
-    parameter i) keep C order too. Parents outside the site come first so that elements
-    linked only among themselves (distractors that share noise) sort apart from the ones
-    that depend on parameters, whatever their links inside the site.
+    Elements are sorted by the tuple of their parents outside the site, then by their
+    anchor, then by position. Parents outside the site come first so that elements linked
+    only among themselves (distractors that share noise) sort apart from the ones that
+    depend on parameters, whatever their links inside the site. An element's anchor is the
+    first position among itself and the site's elements it is linked to (either way): two
+    outputs that share noise (an SLCP pair) have the same anchor, so when their roles sort
+    them into different tokens they still take the same slot of each, and a token's slot
+    means one thing across the site. Without links inside the site the anchor is the
+    element's own position (element-wise links keep C order); along a chain (each element
+    on the one before) it keeps C order too.
     """
     inside = np.zeros(rows.shape[1], dtype=bool)
     inside[site] = True
-    keys = [(tuple(np.flatnonzero(row & ~inside)), tuple(np.flatnonzero(row))) for row in rows]
-    return np.asarray(sorted(range(len(keys)), key=lambda index: keys[index]), dtype=np.int64)
+    within = rows[:, site]  # (elements, elements): i has j among its parents
+    linked = within | within.T
+    np.fill_diagonal(linked, True)
+    anchors = [int(np.flatnonzero(row)[0]) for row in linked]
+    keys = [(tuple(np.flatnonzero(row & ~inside)), anchor) for row, anchor in zip(rows, anchors)]
+    return np.asarray(sorted(range(len(keys)), key=lambda index: keys[index] + (index,)), dtype=np.int64)
 
 
 def _token_mask(mask: np.ndarray, tokens: list[np.ndarray]) -> np.ndarray:
