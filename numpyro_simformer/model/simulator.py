@@ -96,7 +96,8 @@ class Simulator(dist.Distribution):
             bool ``(event_size, event_size)`` matrix marks the pairs that may (read as
             groups: its connected components). The dependency graph treats a group's
             noise as a hidden parent of its elements and marginalises it: the elements are
-            linked and each inherits the parameters of the ones before it. Noise-only
+            linked and each inherits the parents of the ones before it (fewest parents
+            first, then by which, then by position: not by where the function puts them). Noise-only
             outputs (distractors) stay apart from the parameters only when their noise is
             their own; with noise shared with informative outputs they do carry
             information about the parameters.
