@@ -1,4 +1,6 @@
-# Experiment script, run 2026-12-07 as `python exp_slcp_order.py` (log: exp_slcp_order.log). Kept as a record, not maintained.
+# Experiment script, run 2026-12-07 as `python exp_slcp_order.py` twice (log: exp_slcp_order.log): first at e923587
+# (tokens by position order), then at 988b4f1 (library as 837ed6e but a docstring), after 837ed6e ordered shared noise and slots by role. Kept as a
+# record, not maintained.
 """Diagnostic (issues 29, 30): is slcp_distractors' gap to grouped SLCP the way its eight
 informative outputs fall into two tokens?
 
