@@ -162,9 +162,9 @@ def _order_by_parents(rows: np.ndarray, site: slice) -> np.ndarray:
     within = rows[:, site]  # (elements, elements): i has j among its parents
     linked = within | within.T
     np.fill_diagonal(linked, True)
-    anchors = [int(np.flatnonzero(row)[0]) for row in linked]
-    keys = [(tuple(np.flatnonzero(row & ~inside)), anchor) for row, anchor in zip(rows, anchors)]
-    return np.asarray(sorted(range(len(keys)), key=lambda index: keys[index] + (index,)), dtype=np.int64)
+    anchors = linked.argmax(axis=1)  # the first True: the diagonal guarantees one
+    keys = [(tuple(np.flatnonzero(row & ~inside)), int(anchor)) for row, anchor in zip(rows, anchors)]
+    return np.asarray(sorted(range(len(keys)), key=keys.__getitem__), dtype=np.int64)  # stable: position last
 
 
 def _token_mask(mask: np.ndarray, tokens: list[np.ndarray]) -> np.ndarray:
