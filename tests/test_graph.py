@@ -10,6 +10,7 @@ import numpyro.distributions as dist
 import pytest
 from numpyro.contrib.control_flow import scan
 
+from numpyro_simformer.model import graph as graph_module
 from numpyro_simformer.model.graph import attention_mask, dependency_matrix, element_parents
 
 
@@ -369,6 +370,40 @@ def test_clear_errors(kwargs, message):
         element_parents(model, **kwargs)
 
 
+def large_elementwise():  # more than _MAX_ROWS terms and latent elements: the chunked probe
+    theta = numpyro.sample("theta", dist.Normal(0, 1).expand([3]).to_event(1))
+    index = np.arange(700) % 3
+    step = jnp.where(theta[index] > 0, 1.0, -1.0)  # no derivative: found by perturbation only
+    tiny = 1e-30 * theta[(index + 1) % 3]  # below rounding: found by the derivative only
+    numpyro.sample("x", dist.Normal(jnp.where(np.arange(700) % 2 == 0, theta[index], step + tiny), 1.0))
+
+
+def large_events():  # more latent elements than terms: the chunked reverse-mode Jacobian
+    theta = numpyro.sample("theta", dist.Normal(0, 1).expand([3]).to_event(1))
+    loc = jnp.stack([theta[np.arange(600) % 3], jnp.zeros(600)], axis=-1)
+    numpyro.sample("x", dist.MultivariateNormal(loc, jnp.eye(2)))
+
+
+def test_large_sites_give_the_exact_graph(rng_key):
+    labels, parents = element_parents(large_elementwise, rng_key=rng_key)
+    edges = {f"x[{i}]": [f"theta[{i % 3}]"] + [f"theta[{(i + 1) % 3}]"] * (i % 2) for i in range(700)}
+    _assert_graph(labels, parents, edges,
+                  _vector("theta", 3) + _vector("x", 700))
+
+
+@pytest.mark.parametrize("model", [large_elementwise, large_events])
+def test_chunked_probe_finds_what_the_whole_probe_finds(rng_key, model, monkeypatch):
+    labels, chunked = element_parents(model, rng_key=rng_key)
+    monkeypatch.setattr(graph_module, "_MAX_ROWS", 10**6)  # every copy and basis vector at once
+    whole_labels, whole = element_parents(model, rng_key=rng_key)
+    assert whole_labels == labels
+    np.testing.assert_array_equal(chunked, whole)
+    if model is large_events:  # x[i, 0] <- theta[i % 3]; x[i, 1] <- x[i, 0] within its event
+        assert chunked[labels.index("x[5,0]"), labels.index("theta[2]")]
+        assert chunked[labels.index("x[5,1]"), labels.index("x[5,0]")]
+        assert chunked[labels.index("x[5,0]")].sum() == 1 and chunked[labels.index("x[5,1]")].sum() == 2
+
+
 # --- attention masks ---------------------------------------------------------------------
 
 
@@ -381,6 +416,15 @@ def test_undirected_mask_is_the_moral_graph():
     assert mask[2, 0] and mask[0, 2] and mask[3, 2] and mask[2, 3]
     assert not mask[0, 3] and not mask[3, 1]
     np.testing.assert_array_equal(mask, mask.T)
+
+
+def test_sparse_and_dense_moral_graphs_agree():
+    rng = np.random.default_rng(0)
+    for density in (0.002, 0.2):  # either side of the switch to sparse products
+        parents = np.tril(rng.random((400, 400)) < density, -1)
+        graph = (parents | np.eye(400, dtype=bool)).astype(np.int64)
+        expected = (graph | graph.T | (graph.T @ graph > 0)).astype(bool)
+        np.testing.assert_array_equal(attention_mask(parents), expected)
 
 
 def test_directed_dense_and_callable_masks():
