@@ -287,6 +287,21 @@ def test_noise_links_found_from_the_draws():
     np.testing.assert_array_equal(links, expected_links)
 
 
+def many_draws(key, theta):  # 300 normal draws, each shared by two of 600 outputs, and one by all
+    z = jax.random.normal(key, (300,))
+    return theta + z[np.arange(600) // 2] + 1e-3 * jax.random.normal(jax.random.fold_in(key, 1))
+
+
+@pytest.mark.parametrize("shared_by_all", [False, True])
+def test_noise_links_of_many_draws_are_exact(shared_by_all):
+    # Several chunks of draws, and both the sparse and the dense product of the uses.
+    fn = many_draws if shared_by_all else (lambda key, theta: theta + jax.random.normal(key, (300,))[np.arange(600) // 2])
+    links, reason = Simulator(fn, jnp.float32(0.5)).noise_links(jax.random.key(1))
+    assert reason == ""
+    pairs = np.kron(np.eye(300, dtype=bool), np.ones((2, 2), dtype=bool))
+    np.testing.assert_array_equal(links, np.ones((600, 600), dtype=bool) if shared_by_all else pairs)
+
+
 def random_walk(key, scale):
     def step(position, step_key):
         position = position + scale * jax.random.normal(step_key)

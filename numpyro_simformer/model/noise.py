@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend.core import ClosedJaxpr, DropVar, Literal, jaxprs_in_params
 
-__all__ = ["MAX_DRAWS", "find_noise_links"]
+__all__ = ["MAX_DRAWS", "find_noise_links", "gram_nonzero"]
 
 # Sampling primitives: their outputs are the random draws (element by element).
 _SOURCES = frozenset({"random_bits", "random_gamma", "random_poisson", "threefry2x32"})
@@ -147,8 +147,12 @@ _MAX_PROBES = 16
 
 
 def _probe(closed: ClosedJaxpr, num_draws: int):
-    """``probe(consts, keys, inputs) -> (base, moved)``: outputs for each key unperturbed,
-    (keys, size), and with each draw replaced, (keys, replacements, draws, size)."""
+    """``probe(consts, keys, inputs) -> uses``: bool (draws, size), True where replacing draw
+    k changes output element i beyond rounding, under some key and replacement.
+
+    Compared on the device a chunk of draws at a time: the outputs themselves, (keys,
+    replacements, draws, size), took gigabytes at ten thousand draws and outputs.
+    """
     text = str(closed.jaxpr)
     if text in _PROBES:
         _PROBES.move_to_end(text)
@@ -158,18 +162,46 @@ def _probe(closed: ClosedJaxpr, num_draws: int):
         (value,) = _evaluate(closed.jaxpr, consts, [key, *inputs], _Replace(target, which))
         return jnp.ravel(value)
 
+    def changed(moved, base):
+        same = moved == base
+        if jnp.issubdtype(base.dtype, jnp.floating):  # integers compare exactly
+            rounding = _ROUNDING_EPS * jnp.finfo(base.dtype).eps * (1.0 + jnp.abs(base))
+            same |= (jnp.abs(moved - base) <= rounding) | (jnp.isnan(moved) & jnp.isnan(base))
+        return ~same
+
     def one_key(consts, key, inputs):
         base = output(consts, key, inputs, -1, 0)
-        targets = jnp.tile(jnp.arange(num_draws), _NUM_REPLACEMENTS)
-        which = jnp.repeat(jnp.arange(_NUM_REPLACEMENTS), num_draws)
-        moved = jax.lax.map(lambda tw: output(consts, key, inputs, *tw), (targets, which), batch_size=256)
-        return base, moved.reshape(_NUM_REPLACEMENTS, num_draws, -1)
 
-    probe = jax.jit(jax.vmap(one_key, (None, 0, None)))
+        def uses(target):  # (size,): the output elements that draw ``target`` moves
+            moved = jax.vmap(lambda which: output(consts, key, inputs, target, which))(jnp.arange(_NUM_REPLACEMENTS))
+            return changed(moved, base).any(axis=0)
+
+        return jax.lax.map(uses, jnp.arange(num_draws), batch_size=max(1, 256 // _NUM_REPLACEMENTS))
+
+    probe = jax.jit(lambda consts, keys, inputs: jax.vmap(one_key, (None, 0, None))(consts, keys, inputs).any(axis=0))
     _PROBES[text] = probe
     if len(_PROBES) > _MAX_PROBES:
         _PROBES.popitem(last=False)
     return probe
+
+
+def gram_nonzero(matrix: np.ndarray) -> np.ndarray:
+    """``matrix.T @ matrix > 0`` for a bool matrix: which columns share a row.
+
+    Sparse when few entries are set (ten thousand columns took minutes as an integer
+    product, 1.2 GB as a dense float one), BLAS otherwise.
+    """
+    matrix = np.asarray(matrix, dtype=bool)
+    if matrix.mean() < 0.01:
+        from scipy import sparse  # scipy comes with scikit-learn
+
+        counts = sparse.csr_array(matrix.astype(np.int32))
+        product = (counts.T @ counts).tocoo()
+        linked = np.zeros((matrix.shape[1],) * 2, dtype=bool)
+        linked[product.row, product.col] = product.data > 0
+        return linked
+    as_float = matrix.astype(np.float32)  # counts up to 2**24 are exact
+    return (as_float.T @ as_float) > 0
 
 
 def find_noise_links(fn, rng_key, inputs, num_keys: int = 2) -> tuple[np.ndarray | None, str]:
@@ -205,15 +237,8 @@ def find_noise_links(fn, rng_key, inputs, num_keys: int = 2) -> tuple[np.ndarray
     if num_draws > MAX_DRAWS:
         return None, f"it makes {num_draws} random draws per simulation (more than {MAX_DRAWS} to probe)"
     try:
-        base, moved = _probe(closed, num_draws)(closed.consts, keys, list(inputs))
+        uses = np.asarray(_probe(closed, num_draws)(closed.consts, keys, list(inputs)))  # (draws, size)
     except Exception as error:  # noqa: BLE001 - a primitive the probe cannot replay
         return None, f"its draws could not be replaced ({type(error).__name__}: {error})"
-    base, moved = np.asarray(base)[:, None, None], np.asarray(moved)
-    same = moved == base
-    if np.issubdtype(base.dtype, np.floating):  # integers compare exactly
-        rounding = _ROUNDING_EPS * np.finfo(base.dtype).eps * (1.0 + np.abs(base))
-        with np.errstate(invalid="ignore"):
-            same |= (np.abs(moved - base) <= rounding) | (np.isnan(moved) & np.isnan(base))
-    uses = (~same).any(axis=(0, 1)).T  # (size, draws): output element i uses draw k
-    links = (uses.astype(np.int32) @ uses.T.astype(np.int32)) > 0
+    links = gram_nonzero(uses)
     return links | np.eye(size, dtype=bool), ""
