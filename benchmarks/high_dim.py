@@ -121,7 +121,7 @@ def _worker(source: str, *argv) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def accuracy(sizes: list[int], max_time: float | None) -> None:
+def accuracy(sizes: list[int], max_time: float | None, out: str | None = None) -> None:
     """Default settings at 10^4 simulations (and optionally a training time budget): training
     time and posterior C2ST against the exact answer."""
     lines = ["| data elements + 2 | tokens | elements per token | layers | steps | training s | s per 10,000 draws "
@@ -136,7 +136,7 @@ def accuracy(sizes: list[int], max_time: float | None) -> None:
                      f"| {row['training_s']:.0f} | {row['s_per_10k_draws']:.1f} | "
                      f"{', '.join(f'{score:.3f}' for score in row['c2st'])} | {sum(row['c2st']) / 3:.3f} "
                      f"| {row['peak_rss_mib']:.0f} |")
-    budget = "" if max_time is None else f" --max-time {max_time:g}"
+    budget = ("" if max_time is None else f" --max-time {max_time:g}") + ("" if out is None else f" --out {out}")
     settings = "nothing else" if max_time is None else f"`training=TrainingConfig(max_time={max_time:g})`"
     code = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                           cwd=Path(__file__).parent).stdout.strip()
@@ -146,7 +146,8 @@ def accuracy(sizes: list[int], max_time: float | None) -> None:
             "MLP, 10,000 posterior draws against 10,000 exact ones, three observations simulated from the model.\n\n"
             + "\n".join(lines) + "\n")
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / ("high_dim_accuracy.md" if max_time is None else "high_dim_accuracy_budget.md")).write_text(text)
+    out = out or ("high_dim_accuracy.md" if max_time is None else "high_dim_accuracy_budget.md")
+    (RESULTS / out).write_text(text)
     print(text)
 
 
@@ -168,9 +169,11 @@ def main() -> None:
                         help="default settings at 10^4 simulations: training time and C2ST against the exact posterior")
     parser.add_argument("--max-time", type=float, default=None,
                         help="with --accuracy: TrainingConfig(max_time=...) in seconds (default: none, the step cap)")
+    parser.add_argument("--out", default=None,
+                        help="with --accuracy: file name in results/ (default: high_dim_accuracy[_budget].md)")
     args = parser.parse_args()
     if args.accuracy:
-        accuracy(args.sizes, args.max_time)
+        accuracy(args.sizes, args.max_time, args.out)
         return
     rows = []
     for n in args.sizes:
