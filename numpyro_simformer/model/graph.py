@@ -44,7 +44,7 @@ from numpyro.distributions import constraints
 from numpyro.infer import init_to_uniform
 from numpyro.ops.provenance import eval_provenance
 
-from numpyro_simformer.model.noise import gram_nonzero
+from numpyro_simformer.model.noise import changed_beyond_rounding, gram_nonzero
 from numpyro_simformer.model.simulator import Simulator
 
 __all__ = ["attention_mask", "dependency_matrix", "element_parents"]
@@ -275,26 +275,21 @@ def _probe(model, args, kwargs, sites, draws: dict, rng_key, failed: dict) -> tu
 
     def changed_fn(flat, discrete_values, delta):  # delta: (2, num_continuous)
         size = flat.shape[0]
-        # where, not a product: a non-finite step must not reach the other coordinates
         if size > _MAX_ROWS:  # bound memory: build and compare the moved copies a chunk at a time
             base = terms_fn(flat, discrete_values)
 
             def changed(index):
                 # .at[].add, not a product: a non-finite step must not reach the other coordinates
                 moved = jax.vmap(lambda step: terms_fn(flat.at[index].add(step), discrete_values))(delta[:, index])
-                return jnp.any(~_same(moved, base), axis=0)
+                return jnp.any(changed_beyond_rounding(moved, base), axis=0)
 
             return jax.lax.map(changed, jnp.arange(size), batch_size=_MAX_ROWS // 2).T
+        # where, not a product: a non-finite step must not reach the other coordinates
         moved = flat[None, None] + jnp.where(jnp.eye(size, dtype=bool)[None], delta[:, :, None], 0.0)
         rows = jnp.concatenate([flat[None], moved.reshape(2 * size, size)])
         terms = jax.vmap(terms_fn, in_axes=(0, None))(rows, discrete_values)
         base, moved_terms = terms[0], terms[1:].reshape(2, size, -1)
-        return jnp.any(~_same(moved_terms, base), axis=0).T
-
-    def _same(moved, base):  # equal up to rounding, or both NaN
-        rounding = _ROUNDING_EPS * jnp.finfo(dtype).eps * (1.0 + jnp.abs(base))
-        same = (moved == base) | (jnp.abs(moved - base) <= rounding)
-        return same | (jnp.isnan(moved) & jnp.isnan(base))
+        return jnp.any(changed_beyond_rounding(moved_terms, base), axis=0).T
 
     if jnp.issubdtype(rng_key.dtype, jax.dtypes.prng_key):
         rng_key = jax.random.key_data(rng_key)

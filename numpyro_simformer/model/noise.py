@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend.core import ClosedJaxpr, DropVar, Literal, jaxprs_in_params
 
-__all__ = ["MAX_DRAWS", "find_noise_links", "gram_nonzero"]
+__all__ = ["MAX_DRAWS", "changed_beyond_rounding", "find_noise_links", "gram_nonzero"]
 
 # Sampling primitives: their outputs are the random draws (element by element).
 _SOURCES = frozenset({"random_bits", "random_gamma", "random_poisson", "threefry2x32"})
@@ -146,6 +146,15 @@ _PROBES: collections.OrderedDict = collections.OrderedDict()
 _MAX_PROBES = 16
 
 
+def changed_beyond_rounding(moved: jax.Array, base: jax.Array) -> jax.Array:
+    """Where ``moved`` differs from ``base`` beyond rounding (both NaN: unchanged); integers exactly."""
+    same = moved == base
+    if jnp.issubdtype(base.dtype, jnp.floating):
+        rounding = _ROUNDING_EPS * jnp.finfo(base.dtype).eps * (1.0 + jnp.abs(base))
+        same |= (jnp.abs(moved - base) <= rounding) | (jnp.isnan(moved) & jnp.isnan(base))
+    return ~same
+
+
 def _probe(closed: ClosedJaxpr, num_draws: int):
     """``probe(consts, keys, inputs) -> uses``: bool (draws, size), True where replacing draw
     k changes output element i beyond rounding, under some key and replacement.
@@ -162,19 +171,12 @@ def _probe(closed: ClosedJaxpr, num_draws: int):
         (value,) = _evaluate(closed.jaxpr, consts, [key, *inputs], _Replace(target, which))
         return jnp.ravel(value)
 
-    def changed(moved, base):
-        same = moved == base
-        if jnp.issubdtype(base.dtype, jnp.floating):  # integers compare exactly
-            rounding = _ROUNDING_EPS * jnp.finfo(base.dtype).eps * (1.0 + jnp.abs(base))
-            same |= (jnp.abs(moved - base) <= rounding) | (jnp.isnan(moved) & jnp.isnan(base))
-        return ~same
-
     def one_key(consts, key, inputs):
         base = output(consts, key, inputs, -1, 0)
 
         def uses(target):  # (size,): the output elements that draw ``target`` moves
             moved = jax.vmap(lambda which: output(consts, key, inputs, target, which))(jnp.arange(_NUM_REPLACEMENTS))
-            return changed(moved, base).any(axis=0)
+            return changed_beyond_rounding(moved, base).any(axis=0)
 
         return jax.lax.map(uses, jnp.arange(num_draws), batch_size=max(1, 256 // _NUM_REPLACEMENTS))
 
