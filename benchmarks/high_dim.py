@@ -138,8 +138,7 @@ def accuracy(sizes: list[int], max_time: float | None, out: str | None = None) -
                      f"| {row['peak_rss_mib']:.0f} |")
     budget = ("" if max_time is None else f" --max-time {max_time:g}") + ("" if out is None else f" --out {out}")
     settings = "nothing else" if max_time is None else f"`training=TrainingConfig(max_time={max_time:g})`"
-    code = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                          cwd=Path(__file__).parent).stdout.strip()
+    code = _code()
     text = (f"# High-dimensional data sites: accuracy with default settings\n\nMachine: {_machine()}. Code: {code}. Command: "
             f"`python benchmarks/high_dim.py --accuracy --sizes {' '.join(map(str, sizes))}{budget}`. "
             f"`Simformer(model, num_simulations=10_000)` and {settings}, one fresh process per row; C2ST: sbibm's "
@@ -149,6 +148,12 @@ def accuracy(sizes: list[int], max_time: float | None, out: str | None = None) -
     out = out or ("high_dim_accuracy.md" if max_time is None else "high_dim_accuracy_budget.md")
     (RESULTS / out).write_text(text)
     print(text)
+
+
+def _code() -> str:
+    """The short hash of the checkout the benchmark ran from."""
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                          cwd=Path(__file__).parent).stdout.strip()
 
 
 def _machine() -> str:

@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 from pathlib import Path
+
+from high_dim import _code, _machine  # the same machine and code lines as the cost table
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -80,10 +81,7 @@ def main() -> None:
                 lines.append(f"| {n} | {kind} | | {row['error']} | |")
             else:
                 lines.append(f"| {n} | {kind} | {row['tokens']} | {row['read_s']:.1f} | {row['peak_rss_mib']:.0f} |")
-    code = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                          cwd=Path(__file__).parent).stdout.strip()
-    machine = f"{platform.machine()}, {platform.processor() or 'cpu'}, {__import__('os').cpu_count()} cores"
-    text = (f"# Reading a model with a large data site\n\nMachine: {machine}. Code: {code}. Command: "
+    text = (f"# Reading a model with a large data site\n\nMachine: {_machine()}. Code: {_code()}. Command: "
             f"`python benchmarks/read_model.py --sizes {' '.join(map(str, args.sizes))}`. One fresh process per "
             "row; the time includes compiling the probes; peak memory is the process's.\n\n" + "\n".join(lines) + "\n")
     RESULTS.mkdir(exist_ok=True)
